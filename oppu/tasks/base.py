@@ -50,6 +50,10 @@ class Task:
     max_new_tokens: int = 16
     item_doc: Callable[[Item], str] = field(default=lambda it: "")  # retrieval document text
     description: str = ""
+    query_text: Callable[[str], str] | None = None  # input -> retrieval query; None: content(input)
+    # When item_to_example is a proxy in another format than the queries (LaMP_1: abstract -> title),
+    # its examples end with this cue instead of `cue`, so the proxy never teaches the query's cue.
+    example_cue: str | None = None
 
     def content(self, input: str) -> str:
         """The query's content with the official instruction stripped (the input itself if it
@@ -57,21 +61,21 @@ class Task:
         return extract_content(self.instruction, input)
 
     def query_doc(self, input: str) -> str:
-        """Retrieval query text for a query input."""
-        return self.content(input)
+        """Retrieval query text for a query input (the task's `query_text` when it has one)."""
+        return self.query_text(input) if self.query_text else self.content(input)
 
     def prompt(self, input: str, retrieved: list[Item] = (), profile: str | None = None,
-               style: Literal["compact", "full"] = "compact", max_item_words: int = 48) -> str:
+               style: Literal["compact", "full"] = "compact", cue: str | None = None) -> str:
         lines = []
         if profile:
             lines.append(f"profile: {profile}")
         for it in retrieved:
-            lines.append(clip_words(self.render_item(it), max_item_words))
+            lines.append(self.render_item(it))  # render_item clips the content, never the label
         if style == "full":
             lines.append(input.strip())
         else:
             lines.append(self.render_query(self.content(input)))
-        return "\n".join(lines) + "\n" + self.cue
+        return "\n".join(lines) + "\n" + (cue or self.cue)
 
     def target(self, output: str) -> str:
         """Text the model must produce after the cue for a gold output."""

@@ -30,7 +30,7 @@ TASK = Task(
     labels=LABELS,
     max_new_tokens=8,
     render_query=lambda c: f"description: {c}",
-    render_item=lambda it: f"description: {it['description']} tag: {it['tag']}",
+    render_item=lambda it: f"description: {clip_words(it['description'], 40)} tag: {it['tag']}",
     item_to_example=lambda it: (INSTRUCTION.format(description=it["description"]), it["tag"]),
     item_doc=lambda it: str(it["description"]),
     parse=lambda text: parse_label(text, LABELS),
