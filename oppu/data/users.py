@@ -165,8 +165,8 @@ def load_lamp_dir(root: str | Path, task: str | None = None, strict: bool = True
             if not strict:
                 keep = {q.id for q in qs}
                 dropped = [k for k in golds if k not in keep]
-                for k in dropped:  # golds of skipped questions go too, and are counted
-                    problems.add(f"{of}: gold id {k!r} dropped: its question was skipped")
+                for k in dropped:  # golds of skipped (or absent) questions go too, and are counted
+                    problems.add(f"{of}: gold id {k!r} dropped: no valid question with this id in {qf.name}")
                     del golds[k]
                 lacking = [q for q in qs if q.id not in golds]
                 for q in lacking:
