@@ -1,0 +1,124 @@
+"""Turn users into (prompt, target) examples: pure, no disk, no model.
+
+Three prompt variants serve the six methods:
+  plain -> non_personalized, oppu          rag -> rag, oppu_rag          pag -> pag, oppu_pag
+
+- History examples (per-user PEFT training, and base adaptation on other users): item i becomes
+  one example per variant; in the rag variant item i may only retrieve items[:i] (never itself,
+  never later items). The profile text is built from the user's training history.
+- Query prompts: retrieval and profile see only that query's own profile (User.visible_items),
+  never the answer.
+
+    exs = history_examples(task, user, variants=("plain", "rag"), k=2, retriever="bm25",
+                           profile_fn=lambda items: task.statistical_profile(items))
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from oppu.data.users import Query, User
+from oppu.retrieval import make_retriever
+from oppu.tasks.base import Item, Task
+
+VARIANTS = ("plain", "rag", "pag")
+METHOD_VARIANT = {"non_personalized": "plain", "rag": "rag", "pag": "pag",
+                  "oppu": "plain", "oppu_rag": "rag", "oppu_pag": "pag"}
+ProfileFn = Callable[[list[Item]], str]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str
+    user_id: str
+    variant: str
+    source: str  # item id or query id the example was made from
+
+
+def variants_for(methods: Iterable[str]) -> tuple[str, ...]:
+    need = {METHOD_VARIANT[m] for m in methods}
+    return tuple(v for v in VARIANTS if v in need)
+
+
+def _retrieve(task: Task, items: Sequence[Item], retriever, query: str, k: int, limit: int | None) -> list[Item]:
+    if k <= 0 or not items or (limit is not None and limit <= 0):
+        return []
+    idx = retriever.search(query, k, limit=limit)
+    return [items[j] for j in reversed(idx)]  # most relevant last: closest to the query
+
+
+def history_examples(task: Task, user: User, variants: Sequence[str], k: int, retriever: str,
+                     profile_fn: ProfileFn | None, style: str = "compact") -> list[Example]:
+    """Examples from the user's own history items (in chronological order)."""
+    items = user.history
+    rag = "rag" in variants and k > 0 and len(items) > 1
+    r = make_retriever(retriever).fit([task.item_doc(it) for it in items]) if rag else None
+    profile = profile_fn(items) if ("pag" in variants and profile_fn) else None
+    out = []
+    for i, it in enumerate(items):
+        ex = task.item_to_example(it)
+        if ex is None:
+            continue
+        inp, target = ex
+        for v in variants:
+            retrieved = _retrieve(task, items, r, task.query_doc(inp), k, limit=i) if (v == "rag" and r) else []
+            prof = profile if v == "pag" else None
+            out.append(Example(task.prompt(inp, retrieved, prof, style=style, cue=task.example_cue),
+                               task.target(target),
+                               user.user_id, v, f"item:{it['id']}"))
+    return out
+
+
+def query_prompt(task: Task, user: User, q: Query, variant: str, k: int, retriever: str,
+                 profile_fn: ProfileFn | None, style: str = "compact", _cache: dict | None = None) -> str:
+    """The prompt for one query under a variant; sees only the query's own profile."""
+    visible = user.visible_items(q)
+    retrieved: list[Item] = []
+    profile = None
+    if variant == "rag" and k > 0 and visible:
+        key = ("r", user.user_id, q.visible)
+        r = _cache.get(key) if _cache is not None else None
+        if r is None:
+            r = make_retriever(retriever).fit([task.item_doc(it) for it in visible])
+            if _cache is not None:
+                _cache[key] = r
+        retrieved = _retrieve(task, visible, r, task.query_doc(q.input), k, limit=None)
+    elif variant == "pag" and profile_fn:
+        key = ("p", user.user_id, q.visible)
+        profile = _cache.get(key) if _cache is not None else None
+        if profile is None:
+            profile = profile_fn(visible)
+            if _cache is not None:
+                _cache[key] = profile
+    return task.prompt(q.input, retrieved, profile, style=style)
+
+
+def query_examples(task: Task, user: User, variants: Sequence[str], k: int, retriever: str,
+                   profile_fn: ProfileFn | None, style: str = "compact") -> list[Example]:
+    """Training examples from a (non-test) user's questions with golds."""
+    cache: dict = {}
+    return [Example(query_prompt(task, user, q, v, k, retriever, profile_fn, style, cache),
+                    task.target(q.gold), user.user_id, v, f"query:{q.id}")
+            for q in user.queries if q.gold is not None for v in variants]
+
+
+def base_examples(task: Task, users: Sequence[User], variants: Sequence[str], k: int, retriever: str,
+                  profile_fn: ProfileFn | None, seed: int, style: str = "compact",
+                  progress: Callable[[int], None] | None = None) -> list[Example]:
+    """Task-adaptation data from non-test users: each history item and question contributes one
+    example in one variant drawn at random (seeded), so the shared base learns all prompt shapes
+    without tripling its data."""
+    rng = random.Random(seed)
+    out = []
+    for u in users:
+        exs = history_examples(task, u, variants, k, retriever, profile_fn, style) + \
+            query_examples(task, u, variants, k, retriever, profile_fn, style)
+        by_src: dict[str, list[Example]] = {}
+        for e in exs:
+            by_src.setdefault(e.source, []).append(e)
+        out += [rng.choice(group) for group in by_src.values()]
+        if progress:
+            progress(1)
+    return out

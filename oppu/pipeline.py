@@ -1,0 +1,249 @@
+"""The OPPU pipeline end to end: data -> task-adapted base -> one PEFT per user -> six methods.
+
+    from oppu.config import RunConfig
+    from oppu.pipeline import run
+    result = run(RunConfig(task="LaMP_2M", data="path/to/LaMP_2M", out="runs/2m", test_users=100))
+
+Writes under cfg.out:
+  predictions/<method>.json   official outputs shape, one entry per test question
+  metrics.json                {method: {metric: value}}, by oppu.metrics.score
+  run.json                    config, timings, base/adapter/profile facts, losses
+  adapters/<user>/            that user's PEFT module (adapter_config.json + adapter_model.safetensors)
+  report.md, methods.png      the table and the plot
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from oppu.config import RunConfig
+from oppu.data.lamp import write_json_atomic, write_outputs
+from oppu.data.users import User, load_lamp_dir
+from oppu.examples import METHOD_VARIANT, base_examples, history_examples, query_prompt, variants_for
+from oppu.metrics import score
+from oppu.tasks import get_task
+
+ADAPTER_METHODS = ("oppu", "oppu_rag", "oppu_pag")
+
+
+class _NoProgress:
+    def add_task(self, description: str, total: float | None = None, **kw: Any) -> int:
+        return 0
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    out: Path
+    metrics: dict[str, dict[str, float]]
+    predictions: dict[str, dict[str, str]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def safe_user_dir(user_id: str) -> str:
+    """A directory name that cannot escape its parent; a hash suffix keeps it unique."""
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64].lstrip(".")
+    if s != user_id or not s:
+        s = f"{s or 'user'}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+    return s
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tokenizer_corpus(task, others: list[User], test: list[User]) -> list[str]:
+    """Text for the tiny tokenizer: every history item and input, other users' golds; never a
+    test user's gold."""
+    out = []
+    for u in others + test:
+        for it in u.items_by_id.values():
+            out.append(task.render_item(it))
+        for q in u.queries:
+            out.append(task.render_query(task.content(q.input)))
+            if u in others and q.gold is not None:
+                out.append(str(q.gold))
+    out.append(task.cue + " profile: most frequent average over " + " ".join(task.labels))
+    return out
+
+
+def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], profile_fn, log, progress):
+    """Load (or build and cache) the task-adapted base. Returns (model, tok, info)."""
+    from oppu.model.base import build_tiny_base, load_base
+    from oppu.model.task_adapt import adapt_base
+
+    variants = variants_for(cfg.methods)
+    key = _fingerprint({"task": task.id, "base": cfg.base, "seed": cfg.seed, "bt": cfg.base_train,
+                        "k": cfg.k, "retriever": cfg.retriever, "variants": variants, "style": cfg.prompt_style,
+                        "profile": cfg.profile, "max_len": cfg.max_prompt_tokens,
+                        "data": sorted((u.user_id, len(u.history), len(u.queries)) for u in others),
+                        "test": sorted(u.user_id for u in test), "v": 1})
+    cached = cfg.cache_root() / "bases" / f"{task.id}-{key}"
+    if (cached / "oppu_base.json").exists():
+        log(f"base: reusing cached task-adapted base {cached}")
+        model, tok = load_base(cached, cfg.dtype, cfg.device)
+        return model, tok, {**json.loads((cached / "oppu_base.json").read_text()), "cached": True, "path": str(cached)}
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    if cfg.is_tiny:
+        log(f"base: building tiny Llama ({cfg.tiny_preset}) + BPE tokenizer from the task corpus")
+        build_tiny_base(_tokenizer_corpus(task, others, test), tmp, preset=cfg.tiny_preset, seed=cfg.seed)
+        model, tok = load_base(tmp, cfg.dtype, cfg.device)
+    else:
+        model, tok = load_base(cfg.base, cfg.dtype, cfg.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    pt = progress.add_task("base examples", total=len(others))
+    exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
+                        progress=lambda n: progress.advance(pt, n))
+    info: dict[str, Any] = {"params": n_params, "source": cfg.base}
+    if cfg.base_train.epochs > 0 and exs:
+        n = min(len(exs), cfg.base_train.max_examples or len(exs))
+        steps = cfg.base_train.epochs * ((n + cfg.base_train.batch_size - 1) // cfg.base_train.batch_size)
+        bt = progress.add_task("task adaptation", total=steps)
+        model, ad = adapt_base(model, tok, exs, cfg.base_train, full=cfg.is_tiny, seed=cfg.seed,
+                               max_len=cfg.max_prompt_tokens, on_step=lambda s, l: progress.advance(bt, 1))
+        info.update(task_adaptation=ad["mode"], losses=ad["losses"], examples=ad["examples"])
+        log(f"base: task adaptation ({ad['mode']}) on {ad['examples']} examples from {len(others)} users, "
+            f"loss {ad['losses'][0]:.3f} -> {ad['losses'][-1]:.3f}")
+    else:
+        info.update(task_adaptation="none", examples=0)
+    info["seconds"] = round(time.time() - t0, 1)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "oppu_base.json").write_text(json.dumps(info))
+    shutil.rmtree(cached, ignore_errors=True)
+    tmp.rename(cached)
+    model.name_or_path = str(cached)  # adapters record where their base lives
+    return model, tok, {**info, "cached": False, "path": str(cached)}
+
+
+def _load_users(cfg: RunConfig, log):
+    if not cfg.data:
+        from oppu.data.synth import synth_world
+        data = Path(cfg.out) / "data"
+        synth_world(cfg.task, data, seed=cfg.seed)
+        log(f"data: synthesized the embedded default world for {cfg.task} in {data}")
+    else:
+        data = Path(cfg.data)
+    ds = load_lamp_dir(data, cfg.task, strict=cfg.strict)
+    if ds.problems.messages:
+        log(f"data: {len(ds.problems)} record(s) skipped (lenient); first: {ds.problems.messages[0]}")
+    test, others = ds.split_users(cfg.test_users, cfg.eval_split)
+    return ds, test, others
+
+
+def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: None) -> RunResult:
+    from oppu.adapters import detach, load_user, peft_config, train_user
+    from oppu.engine import generate
+    from oppu.profile import make_profile_fn, resolve_kind
+
+    progress = progress or _NoProgress()
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(cfg.task)
+    ds, test, others = _load_users(cfg, log)
+    if ds.task != task.id:
+        raise ValueError(f"data in {ds.root} is {ds.task}, but --task {cfg.task} was asked for")
+    n_queries = sum(len(u.queries) for u in test)
+    log(f"data: {len(test)} test users ({n_queries} questions), {len(others)} other users for the base")
+
+    profile_kind = resolve_kind(cfg.profile, cfg.is_tiny)
+    needs_profile = any(METHOD_VARIANT[m] == "pag" for m in cfg.methods)
+    gen_holder: dict[str, Any] = {}
+    profile_fn = make_profile_fn(task, profile_kind, generate=lambda ps: generate(
+        gen_holder["model"], gen_holder["tok"], ps, 96, cfg.infer_batch_size, cfg.max_prompt_tokens)) \
+        if needs_profile else None
+    if profile_kind == "llm" and needs_profile and cfg.is_tiny:
+        log("profile: llm profiles on the tiny base are written by a model that cannot write; expect noise")
+    if profile_kind == "llm" and needs_profile:  # the untuned base writes the profiles, as in the paper
+        from oppu.model.base import load_base
+        gen_holder["model"], gen_holder["tok"] = load_base(cfg.base, cfg.dtype, cfg.device) if not cfg.is_tiny \
+            else (None, None)
+
+    model, tok, base_info = prepare_base(cfg, task, others, test, profile_fn, log, progress)
+    if gen_holder.get("model") is None:
+        gen_holder["model"], gen_holder["tok"] = model, tok
+    timings: dict[str, float] = {"base_s": base_info.get("seconds", 0.0)}
+
+    # One PEFT per user.
+    adapter_methods = [m for m in cfg.methods if m in ADAPTER_METHODS]
+    user_info: dict[str, Any] = {}
+    adapters_dir = out / "adapters"
+    if adapter_methods:
+        pcfg = peft_config(cfg.peft, cfg.user_train)
+        variants = variants_for(adapter_methods)
+        ut = progress.add_task(f"per-user {cfg.peft}", total=len(test))
+        t0 = time.time()
+        for u in test:
+            exs = history_examples(task, u, variants, cfg.k, cfg.retriever, profile_fn, cfg.prompt_style)
+            if not exs:
+                raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
+            losses = train_user(model, tok, exs, pcfg, cfg.user_train, cfg.seed, u.user_id,
+                                adapters_dir / safe_user_dir(u.user_id), cfg.max_prompt_tokens)
+            user_info[u.user_id] = {"examples": len(exs), "history": len(u.history), "losses": losses,
+                                    "dir": safe_user_dir(u.user_id)}
+            progress.advance(ut, 1)
+        timings["per_user_train_s"] = round(time.time() - t0, 1)
+        log(f"adapters: trained {len(test)} {cfg.peft} modules in {timings['per_user_train_s']}s")
+
+    # Inference: shared-base methods in one batch set, adapter methods user by user.
+    t0 = time.time()
+    cache: dict = {}
+    prompts = {m: {q.id: query_prompt(task, u, q, METHOD_VARIANT[m], cfg.k, cfg.retriever, profile_fn,
+                                      cfg.prompt_style, cache) for u in test for q in u.queries}
+               for m in cfg.methods}
+    raw: dict[str, dict[str, str]] = {m: {} for m in cfg.methods}
+    it = progress.add_task("inference", total=n_queries * len(cfg.methods))
+    plain = [m for m in cfg.methods if m not in ADAPTER_METHODS]
+    flat = [(m, qid, p) for m in plain for qid, p in prompts[m].items()]
+    texts = generate(model, tok, [p for _, _, p in flat], task.max_new_tokens, cfg.infer_batch_size,
+                     cfg.max_prompt_tokens, progress=lambda n: progress.advance(it, n))
+    for (m, qid, _), t in zip(flat, texts):
+        raw[m][qid] = t
+    for u in test:
+        if not adapter_methods:
+            break
+        pm = load_user(model, adapters_dir / safe_user_dir(u.user_id))
+        try:
+            flat = [(m, q.id, prompts[m][q.id]) for m in adapter_methods for q in u.queries]
+            texts = generate(pm, tok, [p for _, _, p in flat], task.max_new_tokens, cfg.infer_batch_size,
+                             cfg.max_prompt_tokens, progress=lambda n: progress.advance(it, n))
+        finally:
+            detach(pm)
+        for (m, qid, _), t in zip(flat, texts):
+            raw[m][qid] = t
+    timings["inference_s"] = round(time.time() - t0, 1)
+
+    # Parse, write, score.
+    golds = {q.id: q.gold for u in test for q in u.queries}
+    order = [q.id for u in test for q in u.queries]
+    preds, metrics = {}, {}
+    for m in cfg.methods:
+        preds[m] = {qid: task.parse(raw[m][qid]) for qid in order}
+        write_outputs(out / "predictions" / f"{m}.json", task.id, preds[m])
+        metrics[m] = score(task.id, golds, preds[m], kind=None if task.id in _LAMP else task.kind,
+                           labels=None if task.id in _LAMP else (task.labels or None))
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "raw_outputs.json", raw)
+    timings["total_s"] = round(time.time() - t_start, 1)
+    info = {"config": cfg.to_dict(), "task": task.id, "data": str(ds.root), "test_users": len(test),
+            "questions": n_queries, "other_users": len(others), "profile_kind": profile_kind,
+            "base": base_info, "users": user_info, "timings": timings,
+            "skipped_records": len(ds.problems)}
+    write_json_atomic(out / "run.json", info)
+    from oppu.report import write_report
+    write_report(out, task.id, metrics, info)
+    return RunResult(out, metrics, preds, info)
+
+
+_LAMP = ("LaMP_1", "LaMP_2N", "LaMP_2M", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7")
