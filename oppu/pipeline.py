@@ -75,8 +75,12 @@ def _tokenizer_corpus(task, others: list[User], test: list[User]) -> list[str]:
     return out
 
 
-def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], profile_fn, log, progress):
-    """Load (or build and cache) the task-adapted base. Returns (model, tok, info)."""
+def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], profile_fn, log, progress,
+                 on_model: Callable[[Any, Any], None] = lambda m, t: None):
+    """Load (or build and cache) the task-adapted base. Returns (model, tok, info).
+
+    `on_model(model, tok)` is called as soon as a model exists, before any example is built:
+    the LLM profile writer uses it when no separate writer was loaded (the tiny base)."""
     from oppu.model.base import build_tiny_base, load_base
     from oppu.model.task_adapt import adapt_base
 
@@ -90,6 +94,7 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
     if (cached / "oppu_base.json").exists():
         log(f"base: reusing cached task-adapted base {cached}")
         model, tok = load_base(cached, cfg.dtype, cfg.device)
+        on_model(model, tok)
         return model, tok, {**json.loads((cached / "oppu_base.json").read_text()), "cached": True, "path": str(cached)}
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +105,7 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
         model, tok = load_base(tmp, cfg.dtype, cfg.device)
     else:
         model, tok = load_base(cfg.base, cfg.dtype, cfg.device)
+    on_model(model, tok)
     n_params = sum(p.numel() for p in model.parameters())
     pt = progress.add_task("base examples", total=len(others))
     exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
@@ -165,14 +171,14 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
         if needs_profile else None
     if profile_kind == "llm" and needs_profile and cfg.is_tiny:
         log("profile: llm profiles on the tiny base are written by a model that cannot write; expect noise")
-    if profile_kind == "llm" and needs_profile:  # the untuned base writes the profiles, as in the paper
-        from oppu.model.base import load_base
-        gen_holder["model"], gen_holder["tok"] = load_base(cfg.base, cfg.dtype, cfg.device) if not cfg.is_tiny \
-            else (None, None)
+    # LLM profiles are written by the base itself (one copy in memory): before task adaptation for the
+    # other users' training prompts, after it for the test users. Memoised per history.
 
-    model, tok, base_info = prepare_base(cfg, task, others, test, profile_fn, log, progress)
-    if gen_holder.get("model") is None:
-        gen_holder["model"], gen_holder["tok"] = model, tok
+    def use_as_writer(m, t):
+        gen_holder["model"], gen_holder["tok"] = m, t
+
+    model, tok, base_info = prepare_base(cfg, task, others, test, profile_fn, log, progress, use_as_writer)
+    use_as_writer(model, tok)  # the task-adapted base writes the test users' profiles
     timings: dict[str, float] = {"base_s": base_info.get("seconds", 0.0)}
 
     # One PEFT per user.
