@@ -11,6 +11,7 @@ in the standard PEFT format (adapter_config.json + adapter_model.safetensors), l
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,14 @@ import torch
 
 from oppu.config import PEFT_TYPES, UserTrainConfig
 from oppu.train import encode, train_loop
+
+
+def safe_user_dir(user_id: str) -> str:
+    """A directory name that cannot escape its parent; a hash suffix keeps it unique."""
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64].lstrip(".")
+    if s != user_id or not s:
+        s = f"{s or 'user'}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+    return s
 
 
 def peft_config(kind: str, ucfg: UserTrainConfig):
@@ -51,9 +60,11 @@ def attach(base, pcfg, seed: int, user_id: str):
 
 def detach(pm):
     """Remove the user's module and return the clean base (the same module objects)."""
-    if pm.peft_config["default"].is_prompt_learning:
-        return pm.get_base_model()
-    return pm.unload()
+    prompt = pm.peft_config["default"].is_prompt_learning
+    base = pm.get_base_model() if prompt else pm.unload()
+    if hasattr(base, "disable_input_require_grads"):  # PEFT leaves an embedding hook behind
+        base.disable_input_require_grads()
+    return base
 
 
 def train_user(base, tok, examples: Sequence, pcfg, ucfg: UserTrainConfig, seed: int, user_id: str,

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from oppu.adapters import safe_user_dir  # noqa: F401  (re-exported: adapter dir names)
 from oppu.config import RunConfig
 from oppu.data.lamp import write_json_atomic, write_outputs
 from oppu.data.users import User, load_lamp_dir
@@ -46,14 +46,6 @@ class RunResult:
     metrics: dict[str, dict[str, float]]
     predictions: dict[str, dict[str, str]]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def safe_user_dir(user_id: str) -> str:
-    """A directory name that cannot escape its parent; a hash suffix keeps it unique."""
-    s = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64].lstrip(".")
-    if s != user_id or not s:
-        s = f"{s or 'user'}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
-    return s
 
 
 def _fingerprint(obj: Any) -> str:

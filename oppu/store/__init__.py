@@ -1,0 +1,21 @@
+"""The personal adapter store: SQLite metadata + standard PEFT files, one folder per version.
+
+    from oppu.store import AdapterStore
+    store = AdapterStore("var/oppu")
+
+Files: store.py (AdapterStore: users, history, versions, delete, crash recovery), db.py (schema,
+connections, transactions, scrubbing), files.py (temp dirs, fsync, checksums), jobs.py (jobs and
+access tokens), bundle.py (the JSON export payload), errors.py.
+"""
+from oppu.store.bundle import Bundle, BundleError
+from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, StoreError,
+                               UnknownUser, UnknownVersion, UserExists)
+from oppu.store.files import ADAPTER_FILES
+from oppu.store.jobs import Job
+from oppu.store.store import (USER_ID_PATTERN, AdapterStore, HistoryItem, Served, UserInfo, Version,
+                              validate_user_id)
+
+__all__ = ["ADAPTER_FILES", "USER_ID_PATTERN", "AdapterStore", "Bundle", "BundleError", "CorruptAdapterError",
+           "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "Served",
+           "StoreError", "UnknownUser", "UnknownVersion", "UserExists", "UserInfo", "Version",
+           "validate_user_id"]
