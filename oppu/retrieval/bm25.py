@@ -12,6 +12,7 @@ still returned after the matches, most recent first (see oppu/retrieval/base.py)
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import bm25s
@@ -19,6 +20,9 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 
 from oppu.retrieval.base import check_k_limit, top_k
+
+# rouge_score imports absl, which configures root logging; bm25s then logs every index build.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 _TOKEN = re.compile(r"[^\W_]+")  # runs of letters/digits, any script
 
