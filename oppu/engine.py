@@ -47,12 +47,17 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
     out: list[str] = [""] * len(seqs)
     device = next(model.parameters()).device
     model.eval()
+    # PEFT 0.21 prompt learning looks for `past_key_values`, transformers 5 passes `cache`: with a
+    # KV cache it re-prepends the virtual tokens at every step. Decode without the cache there
+    # (oppu.multi.generate_mixed serves prompt tuning with a correct cache).
+    cfg = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    use_cache = not getattr(cfg, "is_prompt_learning", False)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, att = left_pad([seqs[i] for i in idx], tok.pad_token_id)
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, num_beams=1)
+                             pad_token_id=tok.pad_token_id, num_beams=1, use_cache=use_cache)
         new = gen[:, ids.shape[1]:].cpu()
         for row, i in enumerate(idx):
             toks = new[row].tolist()

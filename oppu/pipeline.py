@@ -140,8 +140,9 @@ def _load_users(cfg: RunConfig, log):
 
 
 def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: None) -> RunResult:
-    from oppu.adapters import detach, load_user, peft_config, train_user
+    from oppu.adapters import peft_config, train_user
     from oppu.engine import generate
+    from oppu.multi import generate_mixed
     from oppu.profile import make_profile_fn, resolve_kind
 
     progress = progress or _NoProgress()
@@ -208,18 +209,18 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
                      cfg.max_prompt_tokens, progress=lambda n: progress.advance(it, n))
     for (m, qid, _), t in zip(flat, texts):
         raw[m][qid] = t
-    for u in test:
-        if not adapter_methods:
-            break
-        pm = load_user(model, adapters_dir / safe_user_dir(u.user_id))
-        try:
-            flat = [(m, q.id, prompts[m][q.id]) for m in adapter_methods for q in u.queries]
-            texts = generate(pm, tok, [p for _, _, p in flat], task.max_new_tokens, cfg.infer_batch_size,
-                             cfg.max_prompt_tokens, progress=lambda n: progress.advance(it, n))
-        finally:
-            detach(pm)
-        for (m, qid, _), t in zip(flat, texts):
+    # Adapter methods: mixed batches, every row with its own user's module (oppu.multi), users in
+    # groups so memory stays bounded however many test users there are.
+    group = 32
+    for g0 in range(0, len(test) if adapter_methods else 0, group):
+        users = test[g0:g0 + group]
+        flat = [(m, u.user_id, q.id, prompts[m][q.id]) for u in users for m in adapter_methods for q in u.queries]
+        texts = generate_mixed(model, tok, [p for *_, p in flat], [uid for _, uid, _, _ in flat],
+                               {u.user_id: adapters_dir / safe_user_dir(u.user_id) for u in users},
+                               task.max_new_tokens, cfg.infer_batch_size, cfg.max_prompt_tokens)
+        for (m, _, qid, _), t in zip(flat, texts):
             raw[m][qid] = t
+        progress.advance(it, len(flat))
     timings["inference_s"] = round(time.time() - t0, 1)
 
     # Parse, write, score.
