@@ -53,13 +53,29 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
-def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[list[int]]]:
-    """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index]."""
+def batches(n: int, batch_size: int, epochs: int, seed: int,
+            lengths: Sequence[int] | None = None, bucket: int = 64) -> list[list[list[int]]]:
+    """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index].
+
+    With `lengths`, batches are length-grouped: the shuffle is cut into chunks of `bucket`
+    batches, each chunk sorted by length and cut into batches, and the batch order shuffled
+    again. Less padding (the base's prompts range from a line to several retrieved items), same
+    examples per epoch. Without `lengths` (per-user training) the plain shuffle is kept: the
+    batched multi-user trainer reproduces exactly that order."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g).tolist()
-        out.append([perm[i:i + batch_size] for i in range(0, n, batch_size)])
+        if lengths is None:
+            out.append([perm[i:i + batch_size] for i in range(0, n, batch_size)])
+            continue
+        chunk = batch_size * bucket
+        epoch = []
+        for c in range(0, n, chunk):
+            part = sorted(perm[c:c + chunk], key=lambda i: lengths[i])
+            epoch += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        order = torch.randperm(len(epoch), generator=g).tolist()
+        out.append([epoch[i] for i in order])
     return out
 
 
@@ -73,7 +89,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def train_loop(model, params: Iterable[torch.nn.Parameter], data: Sequence[Encoded], epochs: int, lr: float,
                batch_size: int, seed: int, pad_id: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0,
-               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+               on_step: Callable[[int, float], None] | None = None, group_by_length: bool = False) -> list[float]:
     """Train `params` of `model` on data; returns the mean loss of each epoch (token-weighted)."""
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -81,7 +97,7 @@ def train_loop(model, params: Iterable[torch.nn.Parameter], data: Sequence[Encod
     if not data:
         raise ValueError("no training examples")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    plan = batches(len(data), batch_size, epochs, seed)
+    plan = batches(len(data), batch_size, epochs, seed, [len(e.ids) for e in data] if group_by_length else None)
     total = sum(len(e) for e in plan)
     warmup = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
     device = next(model.parameters()).device

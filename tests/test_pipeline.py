@@ -204,3 +204,18 @@ def test_bad_config_values_name_the_choices():
         RunConfig(methods=("oppu", "magic"))
     with pytest.raises(ValueError, match="unknown RunConfig key"):
         load_config(None, nonsense=1)
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch():
+    from oppu.train import batches
+    lengths = [(i * 37) % 101 for i in range(203)]
+    plain = batches(203, 8, 3, seed=5)
+    grouped = batches(203, 8, 3, seed=5, lengths=lengths, bucket=4)
+    for ep in grouped:
+        assert sorted(i for b in ep for i in b) == list(range(203))
+        assert all(len(b) <= 8 for b in ep)
+    # grouping cuts padding: sum over batches of (max len * size) shrinks
+    def padded(plan):
+        return sum(max(lengths[i] for i in b) * len(b) for ep in plan for b in ep)
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert batches(203, 8, 3, seed=5, lengths=lengths, bucket=4) == grouped  # deterministic

@@ -28,7 +28,8 @@ def adapt_base(model, tok, examples: Sequence, cfg: BaseTrainConfig, full: bool,
         for p in model.parameters():
             p.requires_grad_(True)
         losses = train_loop(model, model.parameters(), data, cfg.epochs, cfg.lr, cfg.batch_size, seed,
-                            tok.pad_token_id, warmup_ratio=cfg.warmup_ratio, on_step=on_step)
+                            tok.pad_token_id, warmup_ratio=cfg.warmup_ratio, on_step=on_step,
+                            group_by_length=True)
         mode = "full"
     else:
         from peft import LoraConfig, get_peft_model
@@ -36,7 +37,8 @@ def adapt_base(model, tok, examples: Sequence, cfg: BaseTrainConfig, full: bool,
         pm = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
                                               target_modules="all-linear", task_type="CAUSAL_LM"))
         losses = train_loop(pm, pm.parameters(), data, cfg.epochs, cfg.lr, cfg.batch_size, seed,
-                            tok.pad_token_id, warmup_ratio=cfg.warmup_ratio, on_step=on_step)
+                            tok.pad_token_id, warmup_ratio=cfg.warmup_ratio, on_step=on_step,
+                            group_by_length=True)
         model = pm.merge_and_unload()
         mode = "lora-merged"
     for p in model.parameters():
