@@ -267,3 +267,20 @@ def test_error_text_with_brackets_is_printed_verbatim(tmp_path):
     r = CliRunner().invoke(app, ["score", "--task", "LaMP_4", "--golds", str(bad), "--preds", str(bad)])
     assert r.exit_code != 0
     assert "[bold]x.json" in "".join(r.stderr.split())
+
+
+def test_demo_runs_end_to_end_at_micro_size(tmp_path, monkeypatch):
+    """`oppu demo` itself (README's first command) at a micro size: world, base, six methods."""
+    import json
+    from typer.testing import CliRunner
+    from oppu.cli import app
+    monkeypatch.setenv("OPPU_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--tasks", "LaMP_3,LaMP_7",
+                                 "--base", "tiny:micro", "--test-users", "2", "--other-users", "6",
+                                 "--base-epochs", "1"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary) == {"LaMP_3", "LaMP_7"}
+    assert set(summary["LaMP_3"]["metrics"]) == {"non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag"}
+    assert set(summary["LaMP_3"]["metrics"]["oppu"]) == {"MAE", "RMSE"}
+    assert (tmp_path / "demo" / "LaMP_7" / "report.md").exists()
