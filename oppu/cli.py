@@ -24,6 +24,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                        "evaluated on LaMP.")
 data_app = typer.Typer(no_args_is_help=True, help="Synthesize and inspect LaMP-format data.")
 app.add_typer(data_app, name="data")
+from oppu.cli_serve import serve, user_app  # noqa: E402  (cheap: imports typer only)
+
+app.command()(serve)
+app.add_typer(user_app, name="user")
 console = Console(stderr=True)
 DEMO_TASKS = ("LaMP_2M", "LaMP_4")
 
@@ -186,8 +190,9 @@ def demo(out: str = typer.Option("runs/demo", help="output directory"),
          test_users: int = typer.Option(16, help="test users per synthetic world"),
          other_users: int = typer.Option(160, help="users that adapt the base"),
          base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (default: the base's)")):
-    """The whole pipeline on the embedded default: a synthetic world per task, the tiny base,
-    all six methods. About 8 minutes on 2 CPU cores for the two default tasks."""
+    """The whole pipeline on the embedded default: synthetic worlds, the tiny base, six methods.
+
+    About 8 minutes on 2 CPU cores for the two default tasks (LaMP_2M and LaMP_4)."""
     from oppu.data.synth import synth_world
     summary = {}
     for t in [x.strip() for x in tasks.split(",") if x.strip()]:

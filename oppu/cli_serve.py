@@ -1,0 +1,179 @@
+"""`oppu serve` and `oppu user ...`: run the adapter service; manage users straight in the store.
+
+    OPPU_ADMIN_TOKEN=... oppu serve --store var/oppu --base tiny --task LaMP_2M --port 8000
+    oppu user create --store var/oppu            # {"user_id": ..., "token": ...} (token shown once)
+    oppu user token --store var/oppu USER_ID     # a fresh token (--revoke: the old ones stop working)
+    oppu user list --store var/oppu
+    oppu user delete --store var/oppu USER_ID --yes
+
+Also runnable as `python -m oppu.cli_serve serve ...`. The `user` commands open the store
+directly (SQLite WAL; safe beside a running server); with a server running prefer its API for
+deletes, which also drops the adapter from the serving model at once (the server otherwise
+notices on the user's next request).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+user_app = typer.Typer(no_args_is_help=True, help="Create users, issue tokens, list and delete users in a store.")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _admin_token(token_file: Optional[Path]) -> str:
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            _fail(f"cannot read --admin-token-file {token_file}: {e}")
+    else:
+        token = os.environ.get("OPPU_ADMIN_TOKEN", "").strip()
+    if not token:
+        _fail("no admin token: set OPPU_ADMIN_TOKEN or pass --admin-token-file FILE")
+    if len(token) < 16:
+        _fail("the admin token must be at least 16 characters "
+              "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def serve(store: Path = typer.Option(..., help="store directory (created if missing)"),
+          base: str = typer.Option("tiny", help="'tiny' / 'tiny:micro|small' (built once into the store; for "
+                                                "trying the API), a local HF model dir, or an `oppu run` output"),
+          task: str = typer.Option("LaMP_2M", help="the LaMP task this server serves"),
+          host: str = typer.Option("127.0.0.1", help="bind address (put TLS in front for anything but loopback)"),
+          port: int = typer.Option(8000, help="port; 0 = any free port (see --port-file)"),
+          port_file: Optional[Path] = typer.Option(None, help="write the bound port here once serving"),
+          admin_token_file: Optional[Path] = typer.Option(None, help="file holding the admin token "
+                                                                     "(else env OPPU_ADMIN_TOKEN)"),
+          peft: str = typer.Option("lora", help="lora | prompt_tuning | ia3"),
+          k: int = typer.Option(2, help="retrieved history items per prompt"),
+          seed: int = typer.Option(0),
+          max_len: int = typer.Option(256, help="prompt tokens"),
+          user_epochs: Optional[int] = typer.Option(None, help="per-user training epochs"),
+          user_lr: Optional[float] = typer.Option(None, help="per-user learning rate"),
+          replay: float = typer.Option(0.5, help="incremental updates: fraction of older items replayed"),
+          base_epochs: int = typer.Option(3, help="--base tiny: task-adaptation epochs on the built-in world"),
+          trainer_base: str = typer.Option("auto", help="copy (trainer owns a copy of the base; training never "
+                                                        "blocks generation) | shared | auto (copy below 1B params)"),
+          max_batch: int = typer.Option(32, help="rows per mixed-adapter generation batch"),
+          max_wait_ms: float = typer.Option(10.0, help="how long a batch waits for more requests"),
+          device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+          dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16"),
+          threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)"),
+          log_level: str = typer.Option("info", help="debug | info | warning"),
+          access_log: bool = typer.Option(False, help="log every request (paths carry user ids)")):
+    """Serve the personal adapter API (FastAPI; OpenAPI spec at /openapi.json). Needs the `serve` extra."""
+    try:
+        import uvicorn
+    except ImportError:
+        _fail("the server needs the serve extra: pip install -e '.[serve]'")
+    import torch
+
+    from oppu.config import UserTrainConfig
+    from oppu.server import ServeConfig, Service, create_app, open_base
+    from oppu.store import AdapterStore
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = _admin_token(admin_token_file)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    ucfg = UserTrainConfig()
+    ucfg = UserTrainConfig(**{**ucfg.__dict__, **({"epochs": user_epochs} if user_epochs is not None else {}),
+                              **({"lr": user_lr} if user_lr is not None else {})})
+    try:
+        cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=ucfg, replay=replay,
+                          trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        st = AdapterStore(store)
+        model, tok, info = open_base(base, cfg.task, st.root, seed=seed, base_epochs=base_epochs, k=k,
+                                     max_len=max_len, device=device, dtype=dtype)
+        svc = Service(st, model, tok, cfg, token, info)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    app = create_app(svc)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        _fail(f"cannot bind {host}:{port}: {e}")
+    bound = sock.getsockname()[1]
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(bound))
+        tmp.replace(port_file)  # readers never see a half-written port
+    logging.getLogger("oppu.server").info("serving %s on http://%s:%d (base %s, trainer base: %s)", svc.task.id,
+                                          host, bound, info.get("path", base), svc.trainer_base)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level.lower(), access_log=access_log,
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+    if svc.worker.current is not None:
+        # A training thread still inside torch would abort the interpreter's shutdown; leave now.
+        # The store is consistent (a version is published atomically or not at all).
+        logging.shutdown()
+        os._exit(0)
+
+
+@user_app.command("create")
+def user_create(store: Path = typer.Option(..., help="store directory")):
+    """A new user with a random id and a token (printed once as JSON; stored hashed)."""
+    from oppu.store import AdapterStore
+    with AdapterStore(store) as st:
+        uid = st.new_user()
+        print(json.dumps({"user_id": uid, "token": st.tokens.issue(uid)}))
+
+
+@user_app.command("token")
+def user_token(user_id: str = typer.Argument(...), store: Path = typer.Option(..., help="store directory"),
+               revoke: bool = typer.Option(False, help="revoke the user's existing tokens first")):
+    """Issue a new token for a user (e.g. a lost one); --revoke invalidates the old ones."""
+    from oppu.store import AdapterStore, StoreError
+    with AdapterStore(store) as st:
+        try:
+            revoked = st.tokens.revoke(user_id) if revoke else 0
+            print(json.dumps({"user_id": user_id, "token": st.tokens.issue(user_id), "revoked": revoked}))
+        except StoreError as e:
+            _fail(str(e))
+
+
+@user_app.command("list")
+def user_list(store: Path = typer.Option(..., help="store directory")):
+    """One JSON line per user: task, active version, versions, history items."""
+    from oppu.store import AdapterStore
+    with AdapterStore(store) as st:
+        for uid in st.users():
+            info = st.user(uid)
+            print(json.dumps({"user_id": uid, "task": info.task, "active_version": info.active_version,
+                              "versions": [v.version for v in st.versions(uid)],
+                              "history_items": len(st.history(uid))}))
+
+
+@user_app.command("delete")
+def user_delete(user_id: str = typer.Argument(...), store: Path = typer.Option(..., help="store directory"),
+                yes: bool = typer.Option(False, "--yes", help="confirm: everything of the user goes")):
+    """Delete a user: history, adapter versions and files, jobs, tokens, caches (db scrubbed)."""
+    from oppu.store import AdapterStore, StoreError
+    if not yes:
+        _fail("deleting a user cannot be undone; pass --yes")
+    with AdapterStore(store) as st:
+        try:
+            print(json.dumps(st.delete_user(user_id)))
+        except StoreError as e:
+            _fail(str(e))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="oppu serve / oppu user (standalone entry).")
+app.command()(serve)
+app.add_typer(user_app, name="user")
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

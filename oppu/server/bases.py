@@ -1,0 +1,76 @@
+"""The base model a server runs on: a local checkpoint, an `oppu run` output, or the tiny default.
+
+    model, tok, info = open_base("tiny:micro", "LaMP_2M", store_root)   # built once, then reused
+    model, tok, info = open_base("runs/2m", "LaMP_2M", store_root)       # run.json -> base.path
+    model, tok, info = open_base("/models/Llama-2-7b-hf", "LaMP_2M", store_root)
+
+`tiny` / `tiny:<preset>` (micro, tiny, small): a from-scratch Llama with a BPE tokenizer, both
+built from a small built-in synthetic world of the task and task-adapted on it for `base_epochs`
+epochs, through the same code `oppu run` uses (oppu.pipeline.prepare_base). It is cached under
+`<store>/bases/`, so every restart serves the exact base the store's adapters were trained on.
+It exists to try the API; its answers are only as good as a few-million-parameter model trained
+for seconds on a synthetic world. Point `--base` at a real checkpoint for quality.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("oppu.server")
+
+
+class _NoProgress:
+    def add_task(self, *a, **kw) -> int:
+        return 0
+
+    def advance(self, *a, **kw) -> None:
+        pass
+
+
+def resolve_base_path(spec: str) -> Path:
+    """A HF model dir; an `oppu run` output dir or its run.json resolve to the base it recorded."""
+    p = Path(spec)
+    run_json = p if p.name == "run.json" else p / "run.json"
+    if (p / "config.json").exists():
+        return p
+    if run_json.is_file():
+        path = (json.loads(run_json.read_text()).get("base") or {}).get("path")
+        if not path or not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"{run_json} records base path {path!r}, which is not a model directory "
+                                    "(was the cache cleaned? rerun `oppu run`)")
+        return Path(path)
+    raise FileNotFoundError(f"--base {spec!r}: not 'tiny', 'tiny:<preset>', a Hugging Face model directory "
+                            "(config.json) nor an `oppu run` output (run.json)")
+
+
+def open_base(spec: str, task: str, store_root: str | Path, *, seed: int = 0, base_epochs: int = 3, k: int = 2,
+              max_len: int = 256, device: str = "cpu", dtype: str = "fp32") -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, info) for `--base spec`; see the module docstring."""
+    from oppu.model.base import load_base
+
+    if spec != "tiny" and not spec.startswith("tiny:"):
+        path = resolve_base_path(spec)
+        model, tok = load_base(path, dtype, device)
+        return model, tok, {"source": spec, "path": str(path)}
+    return _tiny(spec, task, Path(store_root), seed, base_epochs, k, max_len, device, dtype)
+
+
+def _tiny(spec, task, store_root, seed, base_epochs, k, max_len, device, dtype):
+    from oppu.config import BaseTrainConfig, RunConfig
+    from oppu.data.synth import synth_world
+    from oppu.data.users import load_lamp_dir
+    from oppu.pipeline import prepare_base
+    from oppu.tasks import get_task
+
+    t = get_task(task)
+    cfg = RunConfig(task=t.id, base=spec, methods=("non_personalized", "rag"), k=k, seed=seed, device=device,
+                    dtype=dtype, max_prompt_tokens=max_len, cache_dir=str(store_root), test_users=4,
+                    base_train=BaseTrainConfig(epochs=base_epochs))
+    with tempfile.TemporaryDirectory(prefix="oppu-serve-world-") as d:
+        synth_world(t.id, d, seed=seed, test_users=4, other_users=48)
+        test, others = load_lamp_dir(d, t.id).split_users(n_test=4)
+    model, tok, info = prepare_base(cfg, t, others, test, None, lambda s: log.info("%s", s), _NoProgress())
+    return model, tok, {**info, "source": spec}

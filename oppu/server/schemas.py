@@ -1,0 +1,114 @@
+"""Request and response bodies of the HTTP API, with their limits (pydantic; the OpenAPI spec is
+generated from these). History items are checked field by field against the task afterwards
+(oppu.lifecycle.validate_items), so errors name the item and the field.
+
+Limits: a request body of at most ServeConfig.max_body_bytes (1 MiB), MAX_ITEMS history items
+per request, MAX_INPUT_CHARS characters of generate input, k <= MAX_K retrieved items. Every
+string must be encodable as UTF-8 (JSON can carry lone surrogates; SQLite and the tokenizer
+cannot store or read them).
+"""
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from oppu.store import USER_ID_PATTERN
+
+MAX_ITEMS = 1000
+MAX_INPUT_CHARS = 8192
+MAX_K = 16
+MAX_TASK_CHARS = 64
+MIN_PASSPHRASE, MAX_PASSPHRASE = 8, 1024
+JOB_STATUSES = ("queued", "running", "done", "failed")
+
+
+def _utf8(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _utf8(k, where)
+            _utf8(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _utf8(v, f"{where}[{i}]")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _encodable(self):
+        for name in type(self).model_fields:
+            _utf8(getattr(self, name), name)
+        return self
+
+
+class HistoryIn(_Strict):
+    task: str = Field(min_length=1, max_length=MAX_TASK_CHARS, description="the task the server serves",
+                      examples=["LaMP_2M"])
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ITEMS,
+                                        description="history items, each with a unique 'id' and the task's "
+                                                    "item fields (LaMP_2M: description, tag)")
+
+
+class GenerateIn(_Strict):
+    task: str = Field(min_length=1, max_length=MAX_TASK_CHARS, examples=["LaMP_2M"])
+    input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS, description="a LaMP-style query input")
+    k: int | None = Field(default=None, ge=0, le=MAX_K, description="history items retrieved into the prompt "
+                                                                     "(default: the server's --k)")
+
+
+class UserCreated(BaseModel):
+    user_id: str = Field(pattern=USER_ID_PATTERN)
+    token: str = Field(description="the user's bearer token; shown once, stored only as a hash")
+
+
+class UserOut(BaseModel):
+    user_id: str
+    task: str | None
+    active_version: int | None
+    versions: list[int]
+    history_items: int
+
+
+class HistoryAdded(BaseModel):
+    user_id: str
+    added: int
+    last_seq: int
+
+
+class JobOut(BaseModel):
+    job_id: str
+    user_id: str
+    kind: str = Field(description="train (first adapter) or update (incremental)")
+    status: str = Field(description="queued | running | done | failed")
+    version: int | None = Field(description="the adapter version the job published (when done)")
+    error: str | None
+    created: float
+    updated: float
+
+
+class Generated(BaseModel):
+    output: str = Field(description="generated text")
+    prediction: str = Field(description="the task's parse of the output (e.g. the tag)")
+    adapter_version: int = Field(description="the adapter version that answered")
+
+
+class Deleted(BaseModel):
+    user_id: str
+    deleted: bool
+
+
+class Health(BaseModel):
+    status: str
+    task: str
+    base: str
+    trainer_base: str
+    uptime_s: float
+
+
+class Problem(BaseModel):
+    detail: str

@@ -1,0 +1,252 @@
+"""Service: what the HTTP layer calls. One store, one serving base, a batcher and a trainer.
+
+    svc = Service(AdapterStore("var/oppu"), model, tok, ServeConfig(task="LaMP_2M"), admin_token="...")
+    svc.start()                                    # fails unfinished jobs, starts both threads
+    uid, token = svc.create_user()
+    svc.add_history(uid, "LaMP_2M", items)
+    job = svc.start_training(uid)                  # queued; the worker trains (or updates)
+    text, version = svc.submit_generate(uid, "LaMP_2M", query, k=None).result()
+    blob = svc.export(uid, "a passphrase")         # oppu.crypto, decrypt with the same passphrase
+    svc.delete(uid); svc.close()
+
+Training never blocks generation by default: the trainer gets its own deep copy of the base
+(`trainer_base="copy"`, chosen by "auto" below 1B parameters), so the batcher's MultiUserModel
+and the trainer's PEFT modules never touch the same modules and each side keeps its own lock.
+A bigger base would double its memory that way; `trainer_base="shared"` then trains on the
+serving base under the batcher's lock, with the serving modules unwrapped for the job's
+duration (generation waits while a job runs). Both are correct; "copy" is the concurrent one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from oppu.config import UserTrainConfig
+from oppu.data.users import Query, User
+from oppu.examples import query_prompt
+from oppu.lifecycle import Personalizer
+from oppu.server.batcher import Batcher
+from oppu.server.metrics import Metrics
+from oppu.server.schemas import MAX_K
+from oppu.server.worker import TrainWorker, version_of
+from oppu.store import AdapterStore, HistoryError, Job, JobError, NoAdapter, validate_user_id
+from oppu.tasks import get_task
+
+log = logging.getLogger("oppu.server")
+TRAINER_BASES = ("auto", "copy", "shared")
+COPY_BELOW_PARAMS = 1_000_000_000
+
+
+class Conflict(Exception):
+    """The request is valid but the user's state does not allow it now (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    task: str = "LaMP_2M"
+    peft: str = "lora"
+    k: int = 2                          # retrieved history items per prompt (requests may override)
+    seed: int = 0
+    max_len: int = 256                  # prompt tokens (left-truncated) for training and generation
+    user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
+    replay: float = 0.5                 # incremental updates: share of older items replayed
+    trainer_base: str = "auto"          # auto | copy | shared (see the module docstring)
+    max_batch: int = 32                 # rows per mixed-adapter batch
+    max_wait_ms: float = 10.0           # how long the batcher waits to fill a batch
+    max_loaded: int = 256               # users kept warm in the MultiUserModel
+    max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
+    generate_timeout_s: float = 120.0
+    shutdown_grace_s: float = 30.0      # how long a shutdown waits for a running training job
+
+    def __post_init__(self) -> None:
+        if self.trainer_base not in TRAINER_BASES:
+            raise ValueError(f"unknown trainer_base {self.trainer_base!r}; valid: {', '.join(TRAINER_BASES)}")
+        if not 0 <= self.k <= MAX_K:
+            raise ValueError(f"k must be in [0, {MAX_K}], got {self.k}")
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class Service:
+    def __init__(self, store: AdapterStore, model, tok, cfg: ServeConfig, admin_token: str,
+                 base_info: dict[str, Any] | None = None):
+        if not isinstance(admin_token, str) or len(admin_token) < 16:
+            raise ValueError("the admin token must be at least 16 characters (e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        self.store, self.cfg, self.tok = store, cfg, tok
+        self.task = get_task(cfg.task)
+        self.base_info = base_info or {}
+        self.metrics = Metrics()
+        self._admin = _digest(admin_token)
+        self.started = time.time()
+        mode = cfg.trainer_base
+        if mode == "auto":
+            mode = "copy" if sum(p.numel() for p in model.parameters()) < COPY_BELOW_PARAMS else "shared"
+        self.trainer_base = mode
+        train_model = copy.deepcopy(model) if mode == "copy" else model  # copy before the batcher wraps it
+        self.batcher = Batcher(model, tok, store, self.task.max_new_tokens, cfg.max_len, max_batch=cfg.max_batch,
+                               max_wait_s=cfg.max_wait_ms / 1000, max_loaded=cfg.max_loaded,
+                               on_batch=self.metrics.batch_rows.observe)
+        self.p = Personalizer(store, train_model, tok, self.task, cfg.user_train, peft=cfg.peft, seed=cfg.seed,
+                              k=cfg.k, max_len=cfg.max_len)
+        guard = contextlib.nullcontext
+        if mode == "shared":
+            self.p.model_lock = self.batcher.lock  # one lock for every use of the one base
+            guard = self._shared_guard
+        self.worker = TrainWorker(self.p, cfg.replay, guard)
+        self._prompts: OrderedDict[str, tuple[int, dict]] = OrderedDict()  # user -> (last seq, retriever cache)
+        self._prompts_lock = threading.Lock()
+        self._jobs_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _shared_guard(self):
+        with self.batcher.lock, self.batcher.mm.detached():
+            yield
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        failed = self.store.jobs.fail_unfinished()
+        if failed:
+            log.warning("marked %d unfinished job(s) of a previous run failed: %s", len(failed), ", ".join(failed))
+        self.batcher.start()
+        self.worker.start()
+
+    def close(self) -> bool:
+        """Stop both threads. False when a training job was still running after shutdown_grace_s
+        (it stays 'running' in the store and the next start marks it failed)."""
+        stopped = self.worker.close(self.cfg.shutdown_grace_s)
+        if not stopped:
+            log.warning("training job %s still running at shutdown; the next start marks it failed",
+                        self.worker.current)
+        self.batcher.close()
+        return stopped
+
+    # -- auth ----------------------------------------------------------------------------------
+    def is_admin(self, token: str) -> bool:
+        return hmac.compare_digest(_digest(token), self._admin)
+
+    def user_for_token(self, token: str) -> str | None:
+        return self.store.tokens.user_for(token)
+
+    # -- users and history ---------------------------------------------------------------------
+    def create_user(self) -> tuple[str, str]:
+        uid = self.store.new_user(self.task.id)
+        return uid, self.store.tokens.issue(uid)
+
+    def add_history(self, uid: str, task: str, items: list[dict[str, Any]]) -> list[int]:
+        self._check_task(task)
+        return self.p.add_history(validate_user_id(uid), task, items)
+
+    def delete(self, uid: str) -> dict[str, Any]:
+        uid = validate_user_id(uid)
+        self.store.user(uid)  # UnknownUser before anything else happens
+        out = self.p.delete_user(uid)
+        self.batcher.evict(uid)
+        with self._prompts_lock:
+            self._prompts.pop(uid, None)
+        return out
+
+    def export(self, uid: str, passphrase: str, include_history: bool = True) -> tuple[bytes, int]:
+        info = self.store.user(validate_user_id(uid))
+        if info.active_version is None:
+            raise NoAdapter(f"user {uid!r} has no adapter to export; train one first")
+        return self.p.export_user(uid, passphrase, include_history), info.active_version
+
+    def _check_task(self, task: str) -> None:
+        try:
+            t = get_task(task)
+        except ValueError as e:
+            raise HistoryError(str(e)) from None
+        if t.id != self.task.id:
+            raise HistoryError(f"this server serves task {self.task.id!r}, not {task!r}")
+
+    # -- training ------------------------------------------------------------------------------
+    def start_training(self, uid: str) -> Job:
+        """Queue a full train (no adapter yet) or an incremental update (new history since the
+        active version). Conflict when a job of the user is unfinished or there is nothing new."""
+        uid = validate_user_id(uid)
+        with self._jobs_lock:  # check-then-create must not interleave for one user
+            info = self.store.user(uid)
+            busy = [j for j in self.store.jobs.of_user(uid) if j.status in ("queued", "running")]
+            if busy:
+                raise Conflict(f"user {uid!r} already has job {busy[-1].job_id!r} {busy[-1].status}; "
+                               f"poll GET /v1/jobs/{busy[-1].job_id}")
+            if info.active_version is None:
+                if not self.store.history(uid):
+                    raise Conflict(f"user {uid!r} has no history; POST items to /v1/users/{uid}/history first")
+                kind = "train"
+            else:
+                seen = self.store.version(uid, info.active_version).history_seq
+                if not self.store.history(uid, after_seq=seen):
+                    raise Conflict(f"user {uid!r}: no history added since active adapter "
+                                   f"v{info.active_version}; nothing to update")
+                kind = "update"
+            job = self.store.jobs.create(uid, kind)
+        self.worker.submit(job)
+        return job
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        j = self.store.jobs.get(job_id)
+        return {"job_id": j.job_id, "user_id": j.user_id, "kind": j.kind, "status": j.status,
+                "version": version_of(self.store, j), "error": j.error, "created": j.created, "updated": j.updated}
+
+    def job_owner(self, job_id: str) -> str | None:
+        try:
+            return self.store.jobs.get(job_id).user_id
+        except JobError:
+            return None
+
+    # -- generation ----------------------------------------------------------------------------
+    def prompt(self, uid: str, task: str, text: str, k: int | None) -> str:
+        """The prompt Personalizer.generate builds for this input (same template, same retrieval)."""
+        self._check_task(task)
+        k = self.cfg.k if k is None else k
+        info = self.store.user(validate_user_id(uid))
+        if info.task not in (None, self.task.id):
+            raise HistoryError(f"user {uid!r} belongs to task {info.task!r}; this server serves {self.task.id!r}")
+        if info.active_version is None:
+            raise NoAdapter(f"user {uid!r} has no adapter yet; train one first")
+        hist = self.store.history(uid)
+        items = [h.item for h in hist]
+        user = User(uid, items, [], {it["id"]: it for it in items})
+        q = Query("q0", text, None, tuple(h.item_id for h in hist))
+        return query_prompt(self.task, user, q, "rag" if k > 0 else "plain", k, self.p.retriever, None,
+                            self.p.style, self._retriever_cache(uid, hist[-1].seq if hist else 0))
+
+    def _retriever_cache(self, uid: str, last_seq: int, keep: int = 1024) -> dict:
+        with self._prompts_lock:
+            got = self._prompts.get(uid)
+            if got is None or got[0] != last_seq:  # the retrieval index follows the history
+                got = (last_seq, {})
+                self._prompts[uid] = got
+            self._prompts.move_to_end(uid)
+            while len(self._prompts) > keep:
+                self._prompts.popitem(last=False)
+            return got[1]
+
+    def submit_generate(self, uid: str, task: str, text: str, k: int | None = None) -> Future:
+        return self.batcher.submit(uid, self.prompt(uid, task, text, k))
+
+    # -- observability -------------------------------------------------------------------------
+    def gauges(self) -> dict[str, tuple[str, list]]:
+        c = self.store.db.conn()
+        by_status = dict.fromkeys(("queued", "running", "done", "failed"), 0)
+        by_status.update({r[0]: r[1] for r in c.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")})
+        users = c.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+        return {"oppu_users": ("Users in the store.", [({}, users)]),
+                "oppu_jobs": ("Training jobs in the store by status.",
+                              [({"status": s}, n) for s, n in by_status.items()]),
+                "oppu_adapters_loaded": ("User adapters loaded in the serving model.", [({}, self.batcher.loaded())]),
+                "oppu_generate_queue_depth": ("Generate requests waiting for a batch.",
+                                              [({}, self.batcher.queue_depth())])}
