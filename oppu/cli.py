@@ -173,12 +173,17 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (0 = none)"),
         user_epochs: Optional[int] = typer.Option(None, help="per-user PEFT epochs"),
         user_lr: Optional[float] = typer.Option(None, help="per-user PEFT learning rate"),
+        executor: Optional[str] = typer.Option(None, help="per-user training: inline | local | ray"),
+        workers: Optional[int] = typer.Option(None, help="training workers for --executor local|ray"),
+        ray_address: Optional[str] = typer.Option(None, help="Ray address (--executor ray); omit for a private local Ray"),
+        max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (local|ray)"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
         strict: bool = typer.Option(True, "--strict/--lenient", help="lenient: skip bad records, counted")):
     """Run OPPU and its baselines on one task; writes predictions, metrics, report and adapters."""
     _run_one(task=task, data=data, out=out, base=base, methods=methods, peft=peft, retriever=retriever, k=k,
              profile=profile, test_users=test_users, seed=seed, device=device, dtype=dtype, config=config,
-             strict=strict, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
+             strict=strict, executor=executor, workers=workers, ray_address=ray_address,
+             max_users_per_batch=max_users_per_batch, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
                                "user_train.lr": user_lr})
 
 

@@ -19,6 +19,7 @@ METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
+EXECUTORS = ("inline", "local", "ray")  # per-user training: this process, a process pool, a Ray cluster
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class RunConfig:
     infer_batch_size: int = 32
     strict: bool = True
     cache_dir: str = ""                # "" = $OPPU_CACHE or ~/.cache/oppu
+    executor: str = "inline"           # per-user training: inline | local | ray
+    workers: int = 2                   # processes / Ray tasks for executor local|ray
+    ray_address: str = ""              # "" = a private local Ray; else e.g. "ray://head:10001"
+    max_users_per_batch: int = 16      # users trained together by the batched trainer (local|ray)
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
 
@@ -76,9 +81,13 @@ class RunConfig:
             raise ValueError(f"unknown method(s) {bad or self.methods!r}; valid: {', '.join(METHODS)}")
         for name, val, valid in (("peft", self.peft, PEFT_TYPES), ("retriever", self.retriever, RETRIEVERS),
                                  ("profile", self.profile, PROFILES),
-                                 ("prompt_style", self.prompt_style, ("compact", "full"))):
+                                 ("prompt_style", self.prompt_style, ("compact", "full")),
+                                 ("executor", self.executor, EXECUTORS)):
             if val not in valid:
                 raise ValueError(f"unknown {name} {val!r}; valid: {', '.join(valid)}")
+        if self.workers < 1 or self.max_users_per_batch < 1:
+            raise ValueError(f"workers and max_users_per_batch must be >= 1 (got {self.workers}, "
+                             f"{self.max_users_per_batch})")
         if self.k < 0 or self.test_users < 1:
             raise ValueError(f"k must be >= 0 and test_users >= 1 (got k={self.k}, test_users={self.test_users})")
 

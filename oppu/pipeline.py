@@ -183,15 +183,30 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
         variants = variants_for(adapter_methods)
         ut = progress.add_task(f"per-user {cfg.peft}", total=len(test))
         t0 = time.time()
+        exs_by_user = {}
         for u in test:
             exs = history_examples(task, u, variants, cfg.k, cfg.retriever, profile_fn, cfg.prompt_style)
             if not exs:
                 raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
-            losses = train_user(model, tok, exs, pcfg, cfg.user_train, cfg.seed, u.user_id,
-                                adapters_dir / safe_user_dir(u.user_id), cfg.max_prompt_tokens)
-            user_info[u.user_id] = {"examples": len(exs), "history": len(u.history), "losses": losses,
-                                    "dir": safe_user_dir(u.user_id)}
-            progress.advance(ut, 1)
+            exs_by_user[u.user_id] = exs
+        if cfg.executor == "inline":
+            losses_by_user = {}
+            for u in test:
+                losses_by_user[u.user_id] = train_user(model, tok, exs_by_user[u.user_id], pcfg, cfg.user_train,
+                                                       cfg.seed, u.user_id, adapters_dir / safe_user_dir(u.user_id),
+                                                       cfg.max_prompt_tokens)
+                progress.advance(ut, 1)
+        else:  # processes on this machine, or a Ray cluster: users sharded, same adapter directory
+            from oppu.scale import train_sharded
+            losses_by_user = train_sharded(base_info["path"], None, exs_by_user, pcfg, cfg.user_train, cfg.seed,
+                                           adapters_dir, executor=cfg.executor, workers=cfg.workers,
+                                           ray_address=cfg.ray_address or None,
+                                           max_users_per_batch=cfg.max_users_per_batch,
+                                           max_len=cfg.max_prompt_tokens, dtype=cfg.dtype, device=cfg.device)
+            progress.advance(ut, len(test))
+        for u in test:
+            user_info[u.user_id] = {"examples": len(exs_by_user[u.user_id]), "history": len(u.history),
+                                    "losses": losses_by_user[u.user_id], "dir": safe_user_dir(u.user_id)}
         timings["per_user_train_s"] = round(time.time() - t0, 1)
         log(f"adapters: trained {len(test)} {cfg.peft} modules in {timings['per_user_train_s']}s")
 

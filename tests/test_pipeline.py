@@ -219,3 +219,19 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
         return sum(max(lengths[i] for i in b) * len(b) for ep in plan for b in ep)
     assert padded(grouped) < 0.8 * padded(plain)
     assert batches(203, 8, 3, seed=5, lengths=lengths, bucket=4) == grouped  # deterministic
+
+
+def test_local_executor_writes_the_same_adapters_as_inline(lora_run, world, tmp_path):
+    """--executor local (process pool, batched trainer) == inline one-at-a-time training."""
+    from safetensors.torch import load_file
+
+    from oppu.pipeline import run
+    cache = str(Path(lora_run.info["base"]["path"]).parent.parent)
+    res = run(micro(tmp_path, data=str(world), cache_dir=cache, executor="local", workers=2,
+                    max_users_per_batch=2, methods=("oppu", "oppu_rag", "oppu_pag")))  # same variants
+    for d in (lora_run.out / "adapters").iterdir():
+        a = load_file(d / "adapter_model.safetensors")
+        b = load_file(res.out / "adapters" / d.name / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
