@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/oppu demo
 
 test: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
