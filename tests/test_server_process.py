@@ -1,5 +1,5 @@
 """The service as a real process on 127.0.0.1 (`python -m oppu.cli_serve serve`, any free port,
-always killed in teardown): every line of docs/serving.md's walkthrough run with curl, SIGKILL
+always killed in teardown): every line of the README's walkthrough run with curl, SIGKILL
 during a training job then a restart on the same store, a short bounded load of 8 clients of
 different users, and schemathesis fuzzing of the API from its OpenAPI spec (no 5xx)."""
 from __future__ import annotations
@@ -121,12 +121,12 @@ def micro_base(tmp_path_factory) -> Path:
     return d
 
 
-# -- docs/serving.md -----------------------------------------------------------------------------
+# -- README walkthrough -----------------------------------------------------------------------------
 def walkthrough() -> list[str]:
-    text = (ROOT / "docs" / "serving.md").read_text()
-    block = re.search(r"<!-- walkthrough: executed by tests/test_server_process.py -->\n```bash\n(.*?)```",
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- walkthrough: executed by tests/test_server_process.py -->\n```sh\n(.*?)```",
                       text, flags=re.S)
-    assert block, "docs/serving.md lost its walkthrough block"
+    assert block, "README.md lost its walkthrough block"
     return [ln for ln in block.group(1).splitlines() if ln.strip()]
 
 
