@@ -54,13 +54,15 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batches(n: int, batch_size: int, epochs: int, seed: int,
-            lengths: Sequence[int] | None = None, bucket: int = 64) -> list[list[list[int]]]:
+            lengths: Sequence[int] | None = None, bucket: int = 8) -> list[list[list[int]]]:
     """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index].
 
     With `lengths`, batches are length-grouped: the shuffle is cut into chunks of `bucket`
     batches, each chunk sorted by length and cut into batches, and the batch order shuffled
     again. Less padding (the base's prompts range from a line to several retrieved items), same
-    examples per epoch. Without `lengths` (per-user training) the plain shuffle is kept: the
+    examples per epoch. Small chunks keep batches mixed: on the LaMP_4 world, chunks of 64 batches
+    ended the base at loss 0.71 (oppu ROUGE-1 0.83), chunks of 8 at 0.56 (0.94), unsorted at 0.47.
+    Without `lengths` (per-user training) the plain shuffle is kept: the
     batched multi-user trainer reproduces exactly that order."""
     g = torch.Generator().manual_seed(seed)
     out = []
