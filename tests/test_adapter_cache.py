@@ -17,12 +17,7 @@ from oppu.adapter_cache import AdapterCache, fingerprint, save_adapter_as, save_
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_lora(d: Path, rank: int, fill: float = 1.0, hidden: int = 16) -> Path:

@@ -31,13 +31,7 @@ def _text(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

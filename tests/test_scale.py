@@ -21,12 +21,7 @@ SEED, MAX_LEN, GROUP = 5, 48, 2
 UCFG = UserTrainConfig(epochs=2, batch_size=4, lr=3e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _text(rng: random.Random, lo: int, hi: int) -> str:
