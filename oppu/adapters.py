@@ -93,10 +93,3 @@ def load_user(base, user_dir: str | Path):
     pm.eval()
     return pm
 
-
-def trainable_parameters(base, pcfg) -> int:
-    pm = attach(base, pcfg, 0, "count")
-    try:
-        return sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    finally:
-        detach(pm)

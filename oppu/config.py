@@ -9,7 +9,7 @@ moves a tiny from-scratch base, so `--base tiny` gets LoRA on all linear layers 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,3 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
             data[group].setdefault(name, v)
     return _build(RunConfig, data)
 
-
-def with_(cfg: RunConfig, **kw: Any) -> RunConfig:
-    return replace(cfg, **kw)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from oppu.adapters import safe_user_dir  # noqa: F401  (re-exported: adapter dir names)
 from oppu.config import RunConfig
-from oppu.data.lamp import write_json_atomic, write_outputs
+from oppu.data.lamp import TASK_IDS, write_json_atomic, write_outputs
 from oppu.data.users import User, load_lamp_dir
 from oppu.examples import METHOD_VARIANT, base_examples, history_examples, query_prompt, variants_for
 from oppu.metrics import score
@@ -210,12 +210,13 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
         timings["per_user_train_s"] = round(time.time() - t0, 1)
         log(f"adapters: trained {len(test)} {cfg.peft} modules in {timings['per_user_train_s']}s")
 
-    # Inference: shared-base methods in one batch set, adapter methods user by user.
+    # Inference: shared-base methods in one batch set, adapter methods in mixed-adapter batches.
+    # A prompt depends only on the variant (rag and oppu_rag share it), so render each variant once.
     t0 = time.time()
     cache: dict = {}
-    prompts = {m: {q.id: query_prompt(task, u, q, METHOD_VARIANT[m], cfg.k, cfg.retriever, profile_fn,
-                                      cfg.prompt_style, cache) for u in test for q in u.queries}
-               for m in cfg.methods}
+    by_variant = {v: {q.id: query_prompt(task, u, q, v, cfg.k, cfg.retriever, profile_fn, cfg.prompt_style, cache)
+                      for u in test for q in u.queries} for v in variants_for(cfg.methods)}
+    prompts = {m: by_variant[METHOD_VARIANT[m]] for m in cfg.methods}
     raw: dict[str, dict[str, str]] = {m: {} for m in cfg.methods}
     it = progress.add_task("inference", total=n_queries * len(cfg.methods))
     plain = [m for m in cfg.methods if m not in ADAPTER_METHODS]
@@ -245,8 +246,9 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
     for m in cfg.methods:
         preds[m] = {qid: task.parse(raw[m][qid]) for qid in order}
         write_outputs(out / "predictions" / f"{m}.json", task.id, preds[m])
-        metrics[m] = score(task.id, golds, preds[m], kind=None if task.id in _LAMP else task.kind,
-                           labels=None if task.id in _LAMP else (task.labels or None))
+        lamp = task.id in TASK_IDS  # LaMP tasks score by the official rules; user tasks by their kind
+        metrics[m] = score(task.id, golds, preds[m], kind=None if lamp else task.kind,
+                           labels=None if lamp else (task.labels or None))
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "raw_outputs.json", raw)
     timings["total_s"] = round(time.time() - t_start, 1)
@@ -259,5 +261,3 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
     write_report(out, task.id, metrics, info)
     return RunResult(out, metrics, preds, info)
 
-
-_LAMP = ("LaMP_1", "LaMP_2N", "LaMP_2M", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7")
