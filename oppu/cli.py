@@ -2,6 +2,7 @@
 
     oppu demo                                   # synthetic worlds + tiny base, six methods, tables
     oppu run --task LaMP_2M --data DIR --out OUT [--base tiny|PATH] [--methods ...] [--peft lora]
+    oppu experiment k --task LaMP_2M --synth --out OUT   # one of the paper's analyses
     oppu data synth --task LaMP_4 --out DIR     # write a synthetic LaMP world
     oppu data inspect DIR                       # users, history lengths, labels
     oppu score --task LaMP_3 --golds G.json --preds P.json
@@ -185,6 +186,51 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
              strict=strict, executor=executor, workers=workers, ray_address=ray_address,
              max_users_per_batch=max_users_per_batch, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
                                "user_train.lr": user_lr})
+
+
+@app.command()
+def experiment(name: str = typer.Argument(..., help="methods | peft-types | activity | shift | history-format | "
+                                                    "cold-start | k"),
+               task: str = typer.Option("LaMP_2M", help="LaMP task id"),
+               data: Optional[str] = typer.Option(None, help="LaMP directory (with --all-tasks: DIR/<task>/ each)"),
+               synth: bool = typer.Option(False, "--synth", help="use the embedded synthetic worlds instead of --data"),
+               out: Optional[str] = typer.Option(None, help="output directory (default runs/experiment-NAME)"),
+               base: str = typer.Option("tiny", help="tiny preset ('tiny', 'tiny:micro') or a local HF dir"),
+               seeds: int = typer.Option(3, help="per-user training seeds (error bars)"),
+               test_users: int = typer.Option(16, help="test users"),
+               other_users: int = typer.Option(160, help="users that adapt the base (synthetic worlds)"),
+               all_tasks: bool = typer.Option(False, "--all-tasks", help="methods: the seven-task table"),
+               base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (default: the base's)"),
+               user_epochs: Optional[int] = typer.Option(None, help="per-user PEFT epochs"),
+               buckets: int = typer.Option(3, help="activity / shift on real data: number of buckets"),
+               levels: Optional[str] = typer.Option(None, help="cold-start: history sizes; k: depths (comma list)"),
+               seed: int = typer.Option(0, help="base seed; per-user seeds are seed, seed+1, ..."),
+               keep_adapters: bool = typer.Option(False, help="keep every trained adapter under OUT/.work")):
+    """Rerun one of the paper's analyses; writes OUT/results.json, OUT/report.md and PNG plots."""
+    from oppu.experiments import ExpOptions, run_experiment
+    try:
+        lv = tuple(int(x) for x in levels.split(",") if x.strip()) if levels else ()
+    except ValueError:
+        _fail(f"--levels {levels!r}: expected a comma list of integers, e.g. 1,2,4")
+    overrides = {"seed": seed, "user_train.epochs": user_epochs}
+    try:
+        opts = ExpOptions(name=name, task=task, data=data or "", synth=synth, out=out or f"runs/experiment-{name}",
+                          base=base, seeds=seeds, test_users=test_users, other_users=other_users,
+                          all_tasks=all_tasks, base_epochs=base_epochs, buckets=buckets, levels=lv,
+                          keep_adapters=keep_adapters, overrides={k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        _fail(str(e))
+    with _progress() as prog:
+        try:
+            res = run_experiment(opts, progress=prog, log=lambda s: console.print(f"[dim]{s}[/]"))
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            _fail(str(e))
+    for f in res["findings"]:
+        console.print(f"- {f}", markup=False, highlight=False)
+    for c in res["claims"]:
+        verdict = {True: "holds", False: "does not hold", None: "not testable"}[c["holds"]]
+        console.print(f"- paper: {c['claim']}: {verdict} ({c['evidence']})", markup=False, highlight=False)
+    console.print(f"wrote {opts.out}/results.json, report.md, {', '.join(res['plots'])}")
 
 
 @app.command()

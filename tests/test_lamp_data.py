@@ -617,3 +617,27 @@ def test_every_task_id_is_canonical_and_has_item_fields():
     assert all(canonical_task(t) == t for t in TASK_IDS) and set(ITEM_FIELDS) == set(TASK_IDS)
     with pytest.raises(ValueError, match="valid: LaMP_1"):
         read_questions(L3 / "dev_questions.json", task="LaMP_8")
+
+
+def test_spread_selection_covers_every_history_length():
+    users = [User(f"u{n:02d}", [{}] * n, []) for n in range(1, 21)]
+    test, rest = select_test_users(users, 4, "spread")
+    assert [len(u.history) for u in test] == [20, 14, 7, 1]
+    assert len(rest) == 16 and not {u.user_id for u in test} & {u.user_id for u in rest}
+    assert [len(u.history) for u in select_test_users(users, 3)[0]] == [20, 19, 18]  # "longest", the default
+    with pytest.raises(ValueError, match="'random'"):
+        select_test_users(users, 2, "random")
+
+
+def test_base_cache_key_sees_content_not_just_shapes(tmp_path):
+    """Two worlds with the same users and history lengths but other text must not share a base."""
+    from oppu.data.synth import synth_world
+    from oppu.pipeline import _data_fingerprint
+    a = synth_world("LaMP_2M", tmp_path / "a", seed=2, test_users=2, other_users=6, noise=0.05)
+    b = synth_world("LaMP_2M", tmp_path / "b", seed=2, test_users=2, other_users=6, noise=0.5)
+    assert a["counts"]["train_history"] == b["counts"]["train_history"]
+    oa = load_lamp_dir(tmp_path / "a", "LaMP_2M").split_users(2)[1]
+    ob = load_lamp_dir(tmp_path / "b", "LaMP_2M").split_users(2)[1]
+    assert [(u.user_id, len(u.history)) for u in oa] == [(u.user_id, len(u.history)) for u in ob]
+    assert _data_fingerprint(oa) != _data_fingerprint(ob)
+    assert _data_fingerprint(oa) == _data_fingerprint(load_lamp_dir(tmp_path / "a", "LaMP_2M").split_users(2)[1])

@@ -57,11 +57,19 @@ def test_every_readme_command_runs(tmp_path, checkpoint):
         assert argv[0] == "oppu", cmd
         if argv[1] == "run":  # keep the real-checkpoint run small: the fixture has 6 dev users
             argv += ["--test-users", "2", "--base-epochs", "1", "--user-epochs", "1"]
+        if argv[1] == "experiment":  # the same command, at micro size
+            argv += ["--test-users", "3", "--other-users", "8", "--seeds", "1", "--base-epochs", "1",
+                     "--user-epochs", "1"] + ([] if "--base" in argv else ["--base", "tiny:micro"])
+            argv += ["--levels", "1,2"] if argv[2] == "cold-start" else []
         r = subprocess.run(oppu + argv[1:], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
         if argv[1] == "run":
             info = json.loads((tmp_path / "runs/2m/run.json").read_text())
             assert info["base"]["task_adaptation"] == "lora-merged"
             assert (tmp_path / "runs/2m/report.md").exists()
+        if argv[1] == "experiment":
+            out = tmp_path / argv[argv.index("--out") + 1]
+            res = json.loads((out / "results.json").read_text())
+            assert res["experiment"] == argv[2] and res["rows"] and (out / "report.md").exists()
         if argv[1] == "score":
             assert json.loads(r.stdout) == {"MAE": 0.0, "RMSE": 0.0}

@@ -288,9 +288,12 @@ def test_training_runs_beside_generation(base, tmp_path):
     svc.store.close()
 
 
-def test_shared_trainer_base_gives_the_same_answers(base, tmp_path):
-    """trainer_base="shared" trains on the serving base under the batcher's lock."""
-    answers = {}
+def test_shared_trainer_base_gives_the_same_answers(base, tmp_path, monkeypatch):
+    """trainer_base="shared" trains on the serving base under the batcher's lock. The user id
+    seeds the module's initialisation, so both services get the same id."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(AdapterStore, "new_user", lambda self, task=None: self.create_user("same-user", task))
+    answers, tensors = {}, {}
     for mode in ("shared", "copy"):
         svc = make_service(base, tmp_path / mode, trainer_base=mode)
         with TestClient(create_app(svc)) as c:
@@ -299,8 +302,13 @@ def test_shared_trainer_base_gives_the_same_answers(base, tmp_path):
                        headers=bearer(tok))
             answers[mode] = r.json()
         assert (svc.p.model is svc.batcher.mm.base) == (mode == "shared")
+        (f,) = (tmp_path / mode).rglob("adapter_model.safetensors")
+        tensors[mode] = load_file(str(f))
         svc.store.close()
     assert answers["shared"]["adapter_version"] == 1 and answers["shared"] == answers["copy"]
+    assert tensors["shared"].keys() == tensors["copy"].keys()
+    for k, t in tensors["shared"].items():
+        torch.testing.assert_close(t, tensors["copy"][k], rtol=1e-5, atol=1e-6)
 
 
 def test_startup_marks_unfinished_jobs_failed(base, tmp_path):

@@ -132,7 +132,7 @@ def test_caps_with_user_beat_without_user(tmp_path, task):
         with_ = caps["with_user"][metric]
         assert (with_ > without) if higher_is_better(metric) else (with_ < without), (metric, caps)
     assert set(card["params"]) == {"seed", "test_users", "other_users", "queries_per_user", "min_history",
-                                   "max_history", "shift", "noise", "user_based"}
+                                   "max_history", "shift", "noise", "user_based", "test_history"}
     for key in ("design", "shift_rule", "counts", "population", "note", "test_user_traits"):
         assert card[key]
     assert json.loads((tmp_path / "world.json").read_text()) == card
@@ -186,3 +186,16 @@ def test_vocabulary_keywords_point_at_one_label():
         filler_words = {w for phrase in filler for w in phrase.split()}
         assert not set(words) & filler_words, (task, set(words) & filler_words)
         assert all(w.isascii() and w == w.lower() and "{" not in w for w in words)
+
+
+def test_full_test_history_spreads_dev_users_and_keeps_the_train_split(tmp_path):
+    up = synth_world("LaMP_2M", tmp_path / "up", seed=1, test_users=12, other_users=10, min_history=2, max_history=40)
+    full = synth_world("LaMP_2M", tmp_path / "full", seed=1, test_users=12, other_users=10, min_history=2,
+                       max_history=40, test_history="full")
+    assert up["counts"]["dev_history"]["min"] >= 21
+    assert full["counts"]["dev_history"]["min"] < 21
+    # the other users (who adapt the base) are the same files byte for byte
+    for f in ("train_questions.json", "train_outputs.json"):
+        assert (tmp_path / "up" / f).read_bytes() == (tmp_path / "full" / f).read_bytes()
+    with pytest.raises(ValueError, match="test_history='half'"):
+        synth_world("LaMP_2M", tmp_path / "bad", test_history="half")

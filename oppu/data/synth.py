@@ -10,7 +10,8 @@ from-scratch model can learn a world on CPU in minutes.
     # oppu data synth --task LaMP_2M --out data/synth/LaMP_2M   (the CLI wraps this)
 
 Writes DIR/{dev,train}_{questions,outputs}.json and DIR/world.json:
-- dev = the test users (the longer histories, upper half of [min_history, max_history]),
+- dev = the test users (the longer histories, upper half of [min_history, max_history]; with
+  test_history="full" the whole range, for activity-level analyses),
   `queries_per_user` time-based queries each, all after the history and sharing it as profile;
 - train = the other users, one query each, histories over the whole range (no train files when
   other_users == 0);
@@ -49,17 +50,17 @@ class SynthUser:
 
 def synth_world(task: str, out_dir: str | Path, seed: int = 0, test_users: int = 16, other_users: int = 160,
                 queries_per_user: int = 3, min_history: int = 6, max_history: int = 48, shift: float = 0.0,
-                noise: float = 0.05, user_based: bool = False) -> dict[str, Any]:
+                noise: float = 0.05, user_based: bool = False, test_history: str = "upper") -> dict[str, Any]:
     """Write one synthetic world for `task` into out_dir and return its world card (world.json)."""
     task = canonical_task(task)
     params = {"seed": seed, "test_users": test_users, "other_users": other_users,
               "queries_per_user": queries_per_user, "min_history": min_history, "max_history": max_history,
-              "shift": shift, "noise": noise, "user_based": user_based}
+              "shift": shift, "noise": noise, "user_based": user_based, "test_history": test_history}
     _validate(params)
     world = make_world(task, random.Random(f"oppu.synth:{task}:{seed}:population"))
     n_q = 1 if user_based else queries_per_user
     n_shift = round(shift * n_q)
-    top_lo = min_history + (max_history - min_history) // 2
+    top_lo = min_history + (max_history - min_history) // 2 if test_history == "upper" else min_history
     dev = [_user(world, task, seed, f"u{i:04d}", (top_lo, max_history), n_q, n_shift, noise)
            for i in range(test_users)]
     train = [_user(world, task, seed, f"u{i:04d}", (min_history, max_history), 1, 0, noise)
@@ -93,6 +94,8 @@ def _validate(p: dict[str, Any]) -> None:
     for name, ok, rule in checks:
         if not ok:
             raise ValueError(f"synth_world: {name}={p[name]!r} must be {rule}")
+    if p["test_history"] not in ("upper", "full"):
+        raise ValueError(f"synth_world: test_history={p['test_history']!r} must be 'upper' or 'full'")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"synth_world: seed={p['seed']!r} must be an int")
 

@@ -96,12 +96,23 @@ def group_users(questions: list[Question], golds: dict[str, str] | None, split: 
     return users
 
 
-def select_test_users(users: list[User], n: int) -> tuple[list[User], list[User]]:
-    """The n users with the longest histories (ties: user id) and everyone else."""
+SELECTIONS = ("longest", "spread")
+
+
+def select_test_users(users: list[User], n: int, how: str = "longest") -> tuple[list[User], list[User]]:
+    """n test users and everyone else. "longest": the n longest histories (ties: user id), the
+    paper's choice. "spread": n users evenly spaced over the ranking by history length, from the
+    longest to the shortest, so every activity level is represented."""
     if n < 1:
         raise ValueError(f"test users must be >= 1, got {n}")
+    if how not in SELECTIONS:
+        raise ValueError(f"unknown test-user selection {how!r}; valid: {', '.join(SELECTIONS)}")
     ranked = sorted(users, key=lambda u: (-len(u.history), u.user_id))
-    test = ranked[:n]
+    if how == "longest" or n >= len(ranked):
+        test = ranked[:n]
+    else:
+        step = (len(ranked) - 1) / (n - 1) if n > 1 else 0.0
+        test = [ranked[round(i * step)] for i in range(n)]
     chosen = {u.user_id for u in test}
     return test, [u for u in users if u.user_id not in chosen]
 
@@ -114,15 +125,16 @@ class LampDir:
     splits: dict[str, list[User]]
     problems: Problems
 
-    def split_users(self, n_test: int, eval_split: str = "dev") -> tuple[list[User], list[User]]:
-        """Test users = the n longest histories of `eval_split`; others = every other user of all
-        splits (a test user's questions in other splits are excluded from base adaptation)."""
+    def split_users(self, n_test: int, eval_split: str = "dev", select: str = "longest") -> tuple[list[User], list[User]]:
+        """Test users = n users of `eval_split` (the longest histories, or spread over history
+        lengths: select_test_users); others = every other user of all splits (a test user's
+        questions in other splits are excluded from base adaptation)."""
         if eval_split not in self.splits:
             raise ValueError(f"split {eval_split!r} not found in {self.root}; found: {sorted(self.splits)}")
         evalu = [u for u in self.splits[eval_split] if all(q.gold is not None for q in u.queries)]
         if not evalu:
             raise ValueError(f"split {eval_split!r} in {self.root} has no golds ({eval_split}_outputs.json)")
-        test, rest = select_test_users(evalu, n_test)
+        test, rest = select_test_users(evalu, n_test, select)
         test_ids = {u.user_id for u in test}
         others = list(rest)
         for name, us in self.splits.items():

@@ -23,6 +23,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+import warnings  # noqa: E402
+
+# PEFT 0.21 calls a transformers-5 property deprecated for v6: a warning per adapter, nothing to act on
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 hf_logging.disable_progress_bar()  # oppu shows its own progress; HF's per-shard bars are noise
 hf_logging.set_verbosity_error()
 

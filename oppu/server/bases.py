@@ -22,14 +22,6 @@ from typing import Any
 log = logging.getLogger("oppu.server")
 
 
-class _NoProgress:
-    def add_task(self, *a, **kw) -> int:
-        return 0
-
-    def advance(self, *a, **kw) -> None:
-        pass
-
-
 def resolve_base_path(spec: str) -> Path:
     """A HF model dir; an `oppu run` output dir or its run.json resolve to the base it recorded."""
     p = Path(spec)
@@ -63,6 +55,7 @@ def _tiny(spec, task, store_root, seed, base_epochs, k, max_len, device, dtype):
     from oppu.data.synth import synth_world
     from oppu.data.users import load_lamp_dir
     from oppu.pipeline import prepare_base
+    from oppu.session import NoProgress
     from oppu.tasks import get_task
 
     t = get_task(task)
@@ -72,5 +65,5 @@ def _tiny(spec, task, store_root, seed, base_epochs, k, max_len, device, dtype):
     with tempfile.TemporaryDirectory(prefix="oppu-serve-world-") as d:
         synth_world(t.id, d, seed=seed, test_users=4, other_users=48)
         test, others = load_lamp_dir(d, t.id).split_users(n_test=4)
-    model, tok, info = prepare_base(cfg, t, others, test, None, lambda s: log.info("%s", s), _NoProgress())
+    model, tok, info = prepare_base(cfg, t, others, test, None, lambda s: log.info("%s", s), NoProgress())
     return model, tok, {**info, "source": spec}

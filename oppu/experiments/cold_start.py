@@ -1,0 +1,135 @@
+"""`cold-start`: users with very little history (1-5 items), and where OPPU starts to pay off.
+
+Every test user is cut to their n most recent items for n in --levels (default 1,2,3,4,5,8,16,
+plus their whole history): the PEFT trains on those n items and retrieval sees only those n
+(of the ones each query may see). Methods: rag (retrieval only), oppu, oppu_rag, and `auto`:
+per user, retrieval-only below a history-size threshold, OPPU (oppu_rag) from it on (a
+retrieval-first policy for cold-start users is what Salemi & Zamani 2024, arXiv 2409.09510,
+recommend). The threshold is cross-fitted: users are split into two folds, the threshold that
+scores best on one fold's users (over all levels) is applied to the other fold's users, so no
+user's `auto` answer comes from a threshold chosen on that user."""
+from __future__ import annotations
+
+from oppu.data.users import Query, User
+from oppu.experiments.common import Lab, improvement, primary_metric
+from oppu.experiments.plots import lines
+
+METHODS = ("non_personalized", "rag", "oppu", "oppu_rag")
+DEFAULT_LEVELS = (1, 2, 3, 4, 5, 8, 16)
+ALL = 10 ** 9  # "their whole history"
+
+
+def truncate(user: User, n: int) -> User:
+    """The user as if they had only their n most recent items (per query: its n most recent)."""
+    return User(user.user_id, user.history[-n:],
+                [Query(q.id, q.input, q.gold, q.visible[-n:]) for q in user.queries],
+                user.items_by_id, user.split)
+
+
+def auto_choice(history_len: int, threshold: float) -> str:
+    """The `auto` policy: retrieval only below the threshold, OPPU with retrieval from it on."""
+    return "rag" if history_len < threshold else "oppu_rag"
+
+
+def auto_predictions(users: list[User], n: int, threshold: float, pick: dict) -> dict[str, str]:
+    """`auto` at level n: each user's answers from the arm their (truncated) history size picks."""
+    out = {}
+    for u in users:
+        arm = auto_choice(len(truncate(u, n).history), threshold)
+        out.update({q.id: pick[arm][n][q.id] for q in u.queries})
+    return out
+
+
+def run(lab: Lab) -> dict:
+    levels = tuple(sorted(set(lab.opts.levels or DEFAULT_LEVELS))) + (ALL,)
+    if levels[0] < 1:
+        raise ValueError(f"cold-start levels must be >= 1 item, got {levels[0]}")
+    s = lab.session(lab.opts.task, lab.data_dir(lab.opts.task))
+    tid = s.task.id
+    lab.register_world(tid, "default", s.test)
+    name = {n: ("all" if n == ALL else str(n)) for n in levels}
+    users_at = {n: [truncate(u, n) for u in s.test] for n in levels}
+    # non_personalized does not read the history: one run serves every level
+    base = s.parse(s.generate(s.test, ["non_personalized"], None, label="non_personalized"))
+    rag = {}
+    for n in levels:
+        lab.record(s, "default", {"items": name[n]}, "non_personalized", None, base["non_personalized"], users_at[n])
+        rag[n] = s.parse(s.generate(users_at[n], ["rag"], None, label=f"rag n={name[n]}"))["rag"]
+        lab.record(s, "default", {"items": name[n]}, "rag", None, rag[n], users_at[n])
+    folds = [[u for i, u in enumerate(s.test) if i % 2 == f] for f in (0, 1)]
+    thresholds: dict[int, list] = {}
+    for seed in lab.seeds:
+        oppu_rag = {}
+        for n in levels:
+            d = lab.work_dir(tid, "cold", name[n], seed)
+            s.train(users_at[n], d, ["oppu", "oppu_rag"], seed=seed, label=f"train n={name[n]} s{seed}")
+            p = s.parse(s.generate(users_at[n], ["oppu", "oppu_rag"], d, label=f"infer n={name[n]} s{seed}"))
+            for m in ("oppu", "oppu_rag"):
+                lab.record(s, "default", {"items": name[n]}, m, seed, p[m], users_at[n])
+            oppu_rag[n] = p["oppu_rag"]
+            lab.done_with(d)
+        # auto, cross-fitted over two folds of users: fit the threshold on one fold, apply to the other
+        pick = {"rag": rag, "oppu_rag": oppu_rag}
+        metric = primary_metric(tid, s.score(base["non_personalized"]))
+        cands = [n for n in levels if n != ALL] + [ALL + 1]   # ALL + 1: always retrieval only
+
+        def fit(users):
+            def value(t):
+                return sum(improvement(metric, s.score(auto_predictions(users, n, t, pick),
+                                                       [truncate(u, n) for u in users])[metric], 0.0)
+                           for n in levels) / len(levels)
+            return max(cands, key=lambda t: (value(t), -t))  # ties: the smallest threshold
+
+        chosen = [fit(folds[1 - f] or folds[f]) for f in (0, 1)]
+        thresholds[seed] = chosen
+        for n in levels:
+            auto = {}
+            for f in (0, 1):
+                auto.update(auto_predictions(folds[f], n, chosen[f], pick))
+            lab.record(s, "default", {"items": name[n]}, "auto", seed, auto, users_at[n])
+
+    agg = lab.aggregate()
+    metric = primary_metric(tid, lab.cell(agg, "rag")["mean"])
+    methods = METHODS + ("auto",)
+    summary, series = {}, {m: ([], []) for m in methods}
+    table = ["| items | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for n in levels:
+        cells = {m: lab.cell(agg, m, items=name[n]) for m in methods}
+        summary[name[n]] = {m: cells[m]["mean"][metric] for m in methods}
+        for m in methods:
+            series[m][0].append(cells[m]["mean"][metric])
+            series[m][1].append(cells[m]["std"][metric])
+        table.append(f"| {name[n]} | " + " | ".join(
+            f"{cells[m]['mean'][metric]:.3f}" + (f" ± {cells[m]['std'][metric]:.3f}" if cells[m]["n_seeds"] > 1 else "")
+            for m in methods) + " |")
+
+    def crossover(a: str, b: str):
+        """Smallest level from which `a` is at least as good as `b` at every larger level."""
+        good = [improvement(metric, summary[name[n]][a], summary[name[n]][b]) >= 0 for n in levels]
+        for i in range(len(levels)):
+            if all(good[i:]):
+                return name[levels[i]]
+        return None
+
+    cross = {"oppu_rag vs rag": crossover("oppu_rag", "rag"), "oppu vs rag": crossover("oppu", "rag")}
+    cold = [name[n] for n in levels if n <= 5]
+    cold_rag_wins = sum(improvement(metric, summary[c]["rag"], summary[c]["oppu_rag"]) > 0 for c in cold)
+    findings = ["crossover (from this history size on, OPPU is at least as good as retrieval only): "
+                + ", ".join(f"{k}: {v if v is not None else 'never'}" for k, v in cross.items()),
+                f"at 1-5 items retrieval only beats oppu_rag at {cold_rag_wins} of {len(cold)} levels",
+                "auto thresholds per seed (fold 0, fold 1; 'never' = always retrieval): " + "; ".join(
+                    f"s{sd}: " + ", ".join("never" if t > ALL else name.get(t, str(t)) for t in ts)
+                    for sd, ts in thresholds.items())]
+    auto_vs = {m: round(sum(improvement(metric, summary[name[n]]["auto"], summary[name[n]][m]) for n in levels)
+                        / len(levels), 4) for m in ("rag", "oppu_rag")}
+    findings.append("auto over the levels, mean gain: " + ", ".join(f"vs {k} {v:+.3f}" for k, v in auto_vs.items()))
+    claims = [("retrieval only is the better choice for cold-start users, OPPU once there is more history "
+               "(Salemi & Zamani 2024)", cold_rag_wins > len(cold) / 2 and cross["oppu_rag vs rag"] not in (None, "1"),
+               f"rag ahead at {cold_rag_wins}/{len(cold)} cold levels; crossover {cross['oppu_rag vs rag']}")]
+    png = lines(lab.out / "cold_start.png", list(range(len(levels))), series, "history items the user has",
+                metric + (" (lower is better)" if metric in ("MAE", "RMSE") else ""), f"{tid}: cold start",
+                xticklabels=[name[n] for n in levels])
+    lab.facts["auto_thresholds"] = {str(k): ["never" if t > ALL else name.get(t, t) for t in v]
+                                    for k, v in thresholds.items()}
+    return lab.finish({"levels": summary, "crossover": cross, "auto_vs": auto_vs}, findings, claims,
+                      ["\n".join(table)], [png])
