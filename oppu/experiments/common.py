@@ -89,6 +89,11 @@ def improvement(metric: str, value: float, reference: float) -> float:
     return value - reference if higher_is_better(metric) else reference - value
 
 
+def clear_gain(gain: float, sd: float) -> bool:
+    """A gain counts when it is positive and larger than the method's sd over seeds."""
+    return gain > 0 and gain > sd
+
+
 def _slug(condition: dict[str, Any]) -> str:
     s = "_".join(f"{k}-{v}" for k, v in condition.items()) or "all"
     return re.sub(r"[^A-Za-z0-9_.=-]", "_", s)

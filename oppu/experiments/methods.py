@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from oppu.config import METHODS
 from oppu.data.lamp import TASK_IDS
-from oppu.experiments.common import Lab, fmt, improvement, primary_metric
+from oppu.experiments.common import Lab, clear_gain, fmt, improvement, primary_metric
 from oppu.experiments.plots import bars
 
 PAIRS = (("oppu", "non_personalized"), ("oppu_rag", "rag"), ("oppu_pag", "pag"))
@@ -38,10 +38,10 @@ def run(lab: Lab) -> dict:
                          "mean": {m: cells[m]["mean"][metric] for m in METHODS}}
         findings.append(f"{task} ({metric}): best {best} ({cells[best]['mean'][metric]:.3f}); "
                         + ", ".join(f"{k} {v:+.3f}" for k, v in gains.items()))
-        wins += all(v > 0 for v in gains.values())
+        wins += all(clear_gain(gains[f"{a} vs {b}"], cells[a]["std"][metric]) for a, b in PAIRS)
     claims.append(("OPPU improves on the method it extends: oppu > non_personalized, oppu_rag > rag, "
-                   "oppu_pag > pag on every task run",
-                   wins == len(summary), f"all three gains positive on {wins} of {len(summary)} task(s)"))
+                   "oppu_pag > pag on every task run, each by more than its sd over seeds",
+                   wins == len(summary), f"all three gains clear on {wins} of {len(summary)} task(s)"))
     best_oppu = sum(1 for v in summary.values() if v["best"].startswith("oppu"))
     claims.append(("a method with the user's PEFT is the best of the six",
                    best_oppu == len(summary), f"on {best_oppu} of {len(summary)} task(s)"))

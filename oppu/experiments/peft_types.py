@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from oppu.config import PEFT_TYPES
-from oppu.experiments.common import Lab, fmt, improvement, primary_metric
+from oppu.experiments.common import Lab, clear_gain, fmt, improvement, primary_metric
 from oppu.experiments.plots import bars
 
 METHODS = ("non_personalized", "oppu")
@@ -64,9 +64,10 @@ def run(lab: Lab) -> dict:
     findings = [f"{p}: {summary[p]['params_per_user']:,} parameters, {summary[p]['bytes_per_user']:,} bytes, "
                 f"{summary[p]['train_s_per_user']:.2f} s per user; {metric} gain {summary[p]['gain']:+.3f}"
                 for p in PEFT_TYPES] + [f"best type here: {best}"]
-    helped = [p for p in PEFT_TYPES if summary[p]["gain"] > 0]
-    claims = [("OPPU works with each PEFT type (each beats non_personalized)", len(helped) == len(PEFT_TYPES),
-               f"positive gain for {', '.join(helped) or 'none'}")]
+    helped = [p for p in PEFT_TYPES if clear_gain(summary[p]["gain"], summary[p]["std"])]
+    claims = [("OPPU works with each PEFT type (each beats non_personalized by more than its sd over seeds)",
+               len(helped) == len(PEFT_TYPES), f"clear gain for {', '.join(helped) or 'none'}; gains "
+               + ", ".join(f"{p} {summary[p]['gain']:+.3f} (sd {summary[p]['std']:.3f})" for p in PEFT_TYPES))]
     series = {"oppu": ([summary[p]["score"] for p in PEFT_TYPES], [summary[p]["std"] for p in PEFT_TYPES])}
     png = bars(lab.out / "peft_types.png", list(PEFT_TYPES), series, "PEFT type",
                f"{metric}" + ("" if metric not in ("MAE", "RMSE") else " (lower is better)"),
