@@ -28,6 +28,11 @@ def metrics_table(metrics: dict[str, dict[str, float]], baseline: str = "non_per
     return "\n".join(lines)
 
 
+def axis_label(metric: str) -> str:
+    """A metric's axis label, saying when lower is better."""
+    return metric + ("" if higher_is_better(metric) else " (lower is better)")
+
+
 def plot_methods(metrics: dict[str, dict[str, float]], task: str, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -41,7 +46,7 @@ def plot_methods(metrics: dict[str, dict[str, float]], task: str, path: Path) ->
         vals = [metrics[m][k] for m in methods]
         bars = ax.bar(range(len(methods)), vals, color=colors)
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel(k + ("" if higher_is_better(k) else " (lower is better)"))
+        ax.set_ylabel(axis_label(k))
         ax.set_title(f"{task}: {k}")
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)

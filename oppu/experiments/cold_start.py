@@ -11,8 +11,9 @@ user's `auto` answer comes from a threshold chosen on that user."""
 from __future__ import annotations
 
 from oppu.data.users import Query, User
-from oppu.experiments.common import Lab, improvement, primary_metric
+from oppu.experiments.common import Lab, fmt, improvement, primary_metric
 from oppu.experiments.plots import lines
+from oppu.report import axis_label
 
 METHODS = ("non_personalized", "rag", "oppu", "oppu_rag")
 DEFAULT_LEVELS = (1, 2, 3, 4, 5, 8, 16)
@@ -57,6 +58,7 @@ def run(lab: Lab) -> dict:
         rag[n] = s.parse(s.generate(users_at[n], ["rag"], None, label=f"rag n={name[n]}"))["rag"]
         lab.record(s, "default", {"items": name[n]}, "rag", None, rag[n], users_at[n])
     folds = [[u for i, u in enumerate(s.test) if i % 2 == f] for f in (0, 1)]
+    metric = primary_metric(tid, s.score(base["non_personalized"]))
     thresholds: dict[int, list] = {}
     for seed in lab.seeds:
         oppu_rag = {}
@@ -70,7 +72,6 @@ def run(lab: Lab) -> dict:
             lab.done_with(d)
         # auto, cross-fitted over two folds of users: fit the threshold on one fold, apply to the other
         pick = {"rag": rag, "oppu_rag": oppu_rag}
-        metric = primary_metric(tid, s.score(base["non_personalized"]))
         cands = [n for n in levels if n != ALL] + [ALL + 1]   # ALL + 1: always retrieval only
 
         def fit(users):
@@ -99,9 +100,7 @@ def run(lab: Lab) -> dict:
         for m in methods:
             series[m][0].append(cells[m]["mean"][metric])
             series[m][1].append(cells[m]["std"][metric])
-        table.append(f"| {name[n]} | " + " | ".join(
-            f"{cells[m]['mean'][metric]:.3f}" + (f" ± {cells[m]['std'][metric]:.3f}" if cells[m]["n_seeds"] > 1 else "")
-            for m in methods) + " |")
+        table.append(f"| {name[n]} | " + " | ".join(fmt(cells[m], metric) for m in methods) + " |")
 
     def crossover(a: str, b: str):
         """Smallest level from which `a` is at least as good as `b` at every larger level."""
@@ -127,7 +126,7 @@ def run(lab: Lab) -> dict:
                "(Salemi & Zamani 2024)", cold_rag_wins > len(cold) / 2 and cross["oppu_rag vs rag"] not in (None, "1"),
                f"rag ahead at {cold_rag_wins}/{len(cold)} cold levels; crossover {cross['oppu_rag vs rag']}")]
     png = lines(lab.out / "cold_start.png", list(range(len(levels))), series, "history items the user has",
-                metric + (" (lower is better)" if metric in ("MAE", "RMSE") else ""), f"{tid}: cold start",
+                axis_label(metric), f"{tid}: cold start",
                 xticklabels=[name[n] for n in levels])
     lab.facts["auto_thresholds"] = {str(k): ["never" if t > ALL else name.get(t, t) for t in v]
                                     for k, v in thresholds.items()}

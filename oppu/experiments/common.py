@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from oppu.config import METHODS, load_config
 from oppu.data.lamp import write_json_atomic, write_outputs
 from oppu.metrics import METRIC_KEYS, higher_is_better
-from oppu.session import ADAPTER_METHODS, Session, load_users
+from oppu.session import ADAPTER_METHODS, Session
 from oppu.tasks import get_task
 
 
@@ -148,13 +148,7 @@ class Lab:
         cfg = self.config(task, data)
         key = f"{task}|{data}|{select}"
         if key not in self._sessions:
-            ds, test, others = load_users(cfg, self.log, select)
-            if ds.task != get_task(cfg.task).id:
-                raise ValueError(f"data in {data} is {ds.task}, but --task {task} was asked for")
-            s = Session(cfg, test, others, str(ds.root), len(ds.problems), self.progress, self.log)
-            n_q = sum(len(u.queries) for u in test)
-            self.log(f"{task}: {len(test)} test users ({n_q} questions), {len(others)} other users for the base")
-            self._sessions[key] = s.prepare()
+            s = self._sessions[key] = Session.open(cfg, self.progress, self.log, select)
             self.facts.setdefault("bases", {})[task] = {k: v for k, v in s.base_info.items() if k != "losses"}
         return self._sessions[key]
 
@@ -196,11 +190,10 @@ class Lab:
         self._world_users[(task, world)] = list(users)
 
     def run_methods(self, s: Session, world: str, users: Sequence, methods: Sequence[str],
-                    condition: dict[str, Any], seeds: Sequence[int] | None = None, k: int | None = None,
+                    condition: dict[str, Any], k: int | None = None,
                     train_kw: dict[str, Any] | None = None, label: str = "") -> dict[str, Any]:
         """The common cell: for each seed train the users' modules (if an adapter method is asked
         for), generate, record. Shared-base methods run once (seed None). Returns training facts."""
-        seeds = self.seeds if seeds is None else list(seeds)
         plain = [m for m in methods if m not in ADAPTER_METHODS]
         adapt = [m for m in methods if m in ADAPTER_METHODS]
         if plain:
@@ -208,7 +201,7 @@ class Lab:
             for m in plain:
                 self.record(s, world, condition, m, None, preds[m], users)
         facts: dict[str, Any] = {}
-        for seed in seeds if adapt else []:
+        for seed in self.seeds if adapt else []:
             d = self.work_dir(s.task.id, world, _slug(condition), seed)
             facts[seed] = s.train(users, d, adapt, seed=seed, k=k, label=f"{label} train s{seed}".strip(),
                                   **(train_kw or {}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from oppu.examples import Example
 from oppu.experiments.common import Lab, clear_gain, fmt, improvement, primary_metric
 from oppu.experiments.plots import bars
+from oppu.report import axis_label
 from oppu.tasks.base import clip_words
 
 FORMATS = ("matched", "no_label", "other_format")
@@ -48,9 +49,9 @@ def run(lab: Lab) -> dict:
     counts = {}
     for f in FORMATS:
         fn = None if f == "matched" else (lambda u, f=f: format_examples(task, u, f))
-        counts[f] = sum(len(fn(u)) if fn else len(s.examples(u, ("plain",))) for u in s.test)
-        lab.run_methods(s, "default", s.test, ["oppu"], {"format": f}, label=f,
-                        train_kw={"examples_fn": fn} if fn else None)
+        facts = lab.run_methods(s, "default", s.test, ["oppu"], {"format": f}, label=f,
+                                train_kw={"examples_fn": fn} if fn else None)
+        counts[f] = sum(v["examples"] for v in facts[lab.seeds[0]].values())
     agg = lab.aggregate()
     base = lab.cell(agg, "non_personalized", format="none")
     metric = primary_metric(task.id, base["mean"])
@@ -74,7 +75,7 @@ def run(lab: Lab) -> dict:
                "matched") for f in FORMATS[1:]]
     series = {"oppu": ([summary[f]["score"] for f in FORMATS], [summary[f]["std"] for f in FORMATS])}
     png = bars(lab.out / "history_format.png", list(FORMATS), series, "history format the PEFT was trained on",
-               metric + (" (lower is better)" if metric in ("MAE", "RMSE") else ""),
+               axis_label(metric),
                f"{task.id}: oppu by history format, mean ± sd over seeds",
                reference={"non_personalized": base["mean"][metric]})
     notes = ["no_label and other_format examples end in their own field cue, never the task's answer cue, so "

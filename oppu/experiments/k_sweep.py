@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from oppu.experiments.common import Lab, fmt, improvement, primary_metric
 from oppu.experiments.plots import lines
+from oppu.report import axis_label
 
 DEFAULT_KS = (0, 1, 2, 4, 8)
 
@@ -45,7 +46,7 @@ def run(lab: Lab) -> dict:
                all(v["gap"] > 0 for v in summary.values()),
                f"positive at {sum(v['gap'] > 0 for v in summary.values())} of {len(ks)} depths")]
     png = lines(lab.out / "k.png", list(ks), series, "retrieved history items k",
-                metric + (" (lower is better)" if metric in ("MAE", "RMSE") else ""), f"{tid}: retrieval depth",
+                axis_label(metric), f"{tid}: retrieval depth",
                 reference={"non_personalized": ref["mean"][metric]})
     notes = ["k=0 means no retrieved item: rag is then the non-personalized prompt, and oppu_rag is oppu "
              "(trained on its plain-prompt examples)."]

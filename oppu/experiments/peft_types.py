@@ -11,6 +11,7 @@ from pathlib import Path
 from oppu.config import PEFT_TYPES
 from oppu.experiments.common import Lab, clear_gain, fmt, improvement, primary_metric
 from oppu.experiments.plots import bars
+from oppu.report import axis_label
 
 METHODS = ("non_personalized", "oppu")
 
@@ -70,7 +71,7 @@ def run(lab: Lab) -> dict:
                + ", ".join(f"{p} {summary[p]['gain']:+.3f} (sd {summary[p]['std']:.3f})" for p in PEFT_TYPES))]
     series = {"oppu": ([summary[p]["score"] for p in PEFT_TYPES], [summary[p]["std"] for p in PEFT_TYPES])}
     png = bars(lab.out / "peft_types.png", list(PEFT_TYPES), series, "PEFT type",
-               f"{metric}" + ("" if metric not in ("MAE", "RMSE") else " (lower is better)"),
+               axis_label(metric),
                f"{task}: oppu by PEFT type, mean ± sd over seeds",
                reference={"non_personalized": base["mean"][metric]})
     lab.facts["peft_types"] = sizes

@@ -17,10 +17,11 @@ import json
 import re
 from pathlib import Path
 
-from oppu.experiments.common import Lab, improvement, primary_metric
+from oppu.experiments.common import Lab, fmt, improvement, primary_metric
 from oppu.pipeline import _data_fingerprint
 from oppu.session import load_users
 from oppu.experiments.plots import lines
+from oppu.report import axis_label
 
 METHODS = ("non_personalized", "rag", "oppu", "oppu_rag")
 SYNTH_LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -109,9 +110,8 @@ def run(lab: Lab) -> dict:
         for m in METHODS:
             series[m][0].append(cells[m]["mean"][metric])
             series[m][1].append(cells[m]["std"][metric])
-        table.append(f"| {lbl} | {cells['rag']['n_questions']} | " + " | ".join(
-            f"{cells[m]['mean'][metric]:.3f}" + (f" ± {cells[m]['std'][metric]:.3f}" if cells[m]["n_seeds"] > 1 else "")
-            for m in METHODS) + " |")
+        table.append(f"| {lbl} | {cells['rag']['n_questions']} | " + " | ".join(fmt(cells[m], metric) for m in METHODS)
+                     + " |")
     lo, hi = groups[0][0], groups[-1][0]
     drop = {m: round(improvement(metric, summary[lo][m], summary[hi][m]), 4) for m in METHODS}  # >0: got worse
     findings = [f"grouping: {mode}; {len(groups)} levels, metric {metric}",
@@ -126,7 +126,7 @@ def run(lab: Lab) -> dict:
                all(v > 0 for v in rag_gap.values()), f"gaps {list(rag_gap.values())}")]
     xs = [g[1] for g in groups]
     png = lines(lab.out / "shift.png", xs, series, xlabel,
-                metric + (" (lower is better)" if metric in ("MAE", "RMSE") else ""), f"{tid}: behaviour shift",
+                axis_label(metric), f"{tid}: behaviour shift",
                 xticklabels=[g[0] for g in groups])
     notes = ["Synthetic shifted queries come from a part of the user's taste their history never shows, so "
              "no method can know their answers: both RAG and OPPU are expected to fall toward the "
