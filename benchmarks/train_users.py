@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--peft", default="lora", choices=("lora", "ia3", "prompt_tuning"))
     ap.add_argument("--max-users-per-batch", type=int, default=16)
+    ap.add_argument("--tokens-per-forward", type=int, default=None,
+                    help="batched arm: padded tokens per forward/backward chunk (default: oppu's)")
     ap.add_argument("--chunk-users", type=int, default=16,
                     help="alternate the two arms every this many users (0 = each arm once over all users)")
     ap.add_argument("--preset", default="tiny", help="tiny-base preset: micro | tiny | small")
@@ -136,9 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     from oppu.adapters import peft_config
     from oppu.config import UserTrainConfig
     from oppu.multi import train_users
+    from oppu.config import TOKENS_PER_FORWARD
     from oppu.train import encode
 
     set_threads(args.threads)
+    tpf = args.tokens_per_forward or TOKENS_PER_FORWARD
     device = resolve(args.device)
     ucfg = UserTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         def run_batched(chunk):
             return train_users(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed,
                                save_root=tmp / "batched", max_len=args.max_len,
-                               max_users_per_batch=args.max_users_per_batch)
+                               max_users_per_batch=args.max_users_per_batch, tokens_per_forward=tpf)
 
         def run_sequential(chunk):
             return sequential_peft(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed, args.max_len,
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "train_users", "users": len(examples), "peft": args.peft, "preset": args.preset,
         "epochs": args.epochs, "batch_size": args.batch_size, "max_users_per_batch": args.max_users_per_batch,
+        "tokens_per_forward": tpf,
         "chunk_users": args.chunk_users,
         "examples": sum(map(len, examples.values())), "train_tokens": tokens, "matmul_params": n_mm,
         "batched": {**arm(t_b), "cpu_s": round(cpu["b"], 2), "final_loss": round(final_b, 5)},

@@ -178,13 +178,15 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         workers: Optional[int] = typer.Option(None, help="training workers for --executor local|ray"),
         ray_address: Optional[str] = typer.Option(None, help="Ray address (--executor ray); omit for a private local Ray"),
         max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (local|ray)"),
+        tokens_per_forward: Optional[int] = typer.Option(None, help="batched training: padded tokens per forward "
+                                                                    "chunk, bounds memory (local|ray; default 1024)"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
         strict: bool = typer.Option(True, "--strict/--lenient", help="lenient: skip bad records, counted")):
     """Run OPPU and its baselines on one task; writes predictions, metrics, report and adapters."""
     _run_one(task=task, data=data, out=out, base=base, methods=methods, peft=peft, retriever=retriever, k=k,
              profile=profile, test_users=test_users, seed=seed, device=device, dtype=dtype, config=config,
              strict=strict, executor=executor, workers=workers, ray_address=ray_address,
-             max_users_per_batch=max_users_per_batch, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
+             max_users_per_batch=max_users_per_batch, tokens_per_forward=tokens_per_forward, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
                                "user_train.lr": user_lr})
 
 

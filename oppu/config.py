@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+TOKENS_PER_FORWARD = 1024  # batched training: padded tokens per forward; a step's rows go in length-sorted chunks
+
 METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
@@ -72,6 +74,7 @@ class RunConfig:
     workers: int = 2                   # processes / Ray tasks for executor local|ray
     ray_address: str = ""              # "" = a private local Ray; else e.g. "ray://head:10001"
     max_users_per_batch: int = 16      # users trained together by the batched trainer (local|ray)
+    tokens_per_forward: int = TOKENS_PER_FORWARD  # batched trainer: padded tokens per forward chunk
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
 
@@ -85,9 +88,9 @@ class RunConfig:
                                  ("executor", self.executor, EXECUTORS)):
             if val not in valid:
                 raise ValueError(f"unknown {name} {val!r}; valid: {', '.join(valid)}")
-        if self.workers < 1 or self.max_users_per_batch < 1:
-            raise ValueError(f"workers and max_users_per_batch must be >= 1 (got {self.workers}, "
-                             f"{self.max_users_per_batch})")
+        if self.workers < 1 or self.max_users_per_batch < 1 or self.tokens_per_forward < 1:
+            raise ValueError(f"workers, max_users_per_batch and tokens_per_forward must be >= 1 (got {self.workers}, "
+                             f"{self.max_users_per_batch}, {self.tokens_per_forward})")
         if self.k < 0 or self.test_users < 1:
             raise ValueError(f"k must be >= 0 and test_users >= 1 (got k={self.k}, test_users={self.test_users})")
 

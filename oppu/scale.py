@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from oppu.config import TOKENS_PER_FORWARD
+
 EXECUTORS = ("local", "ray")
 _BASES: dict[tuple, tuple[Any, Any]] = {}  # per worker process: (base_dir, tok_dir, dtype, device) -> (model, tok)
 
@@ -54,6 +56,7 @@ class ShardJob:
     dtype: str
     device: str
     threads: int
+    tokens_per_forward: int = TOKENS_PER_FORWARD
 
 
 def plan_shards(users_examples: Mapping[str, Sequence], max_users_per_batch: int) -> list[list[str]]:
@@ -100,14 +103,15 @@ def train_shard(job: ShardJob) -> dict[str, list[float]]:
         torch.set_num_threads(job.threads)
     model, tok = load_worker_base(job.base_dir, job.tok_dir, job.dtype, job.device)
     return train_users(model, tok, job.examples, job.pcfg, job.ucfg, job.seed, save_root=job.out_dir,
-                       max_len=job.max_len, max_users_per_batch=job.max_users_per_batch)
+                       max_len=job.max_len, max_users_per_batch=job.max_users_per_batch,
+                       tokens_per_forward=job.tokens_per_forward)
 
 
 def train_sharded(base_dir: str | Path, tok_dir: str | Path | None, users_examples: Mapping[str, Sequence], pcfg,
                   ucfg, seed: int, out_dir: str | Path, executor: str = "local", workers: int = 2,
                   ray_address: str | None = None, max_users_per_batch: int = 16, max_len: int = 384,
                   threads_per_worker: int | None = None, dtype: str = "fp32",
-                  device: str = "cpu") -> dict[str, list[float]]:
+                  device: str = "cpu", tokens_per_forward: int = TOKENS_PER_FORWARD) -> dict[str, list[float]]:
     """Train every user's module in `workers` parallel workers; adapters land in out_dir/<safe_user_dir>/.
 
     Returns {uid: per-epoch mean loss}. threads_per_worker: torch threads in each worker (default:
@@ -128,7 +132,7 @@ def train_sharded(base_dir: str | Path, tok_dir: str | Path | None, users_exampl
     out.mkdir(parents=True, exist_ok=True)
     jobs = [ShardJob(str(Path(base_dir).resolve()), str(Path(tok_dir).resolve()) if tok_dir else None,
                      {u: list(users_examples[u]) for u in shard}, pcfg, ucfg, seed, str(out),
-                     max_users_per_batch, max_len, dtype, device, threads)
+                     max_users_per_batch, max_len, dtype, device, threads, tokens_per_forward)
             for shard in plan_shards(users_examples, max_users_per_batch)]
     if not jobs:
         return {}

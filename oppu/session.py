@@ -139,6 +139,7 @@ class Session:
                                            adapters_dir, executor=c.executor, workers=c.workers,
                                            ray_address=c.ray_address or None,
                                            max_users_per_batch=c.max_users_per_batch,
+                                           tokens_per_forward=c.tokens_per_forward,
                                            max_len=c.max_prompt_tokens, dtype=c.dtype, device=c.device)
             per = round((time.perf_counter() - t0) / max(1, len(users)), 3)  # wall time shared by all
             info = {uid: {"losses": ls, "seconds": per} for uid, ls in losses_by_user.items()}

@@ -25,6 +25,7 @@ KINDS = {"lora-all": ("lora", "all-linear", {}),
          "lora-qv": ("lora", "q_proj,v_proj", {"lora_alpha": 128, "lora_r": 4}),
          "ia3": ("ia3", "all-linear", {}), "prompt": ("prompt_tuning", "all-linear", {})}
 SEED, MAX_LEN = 3, 64
+CHUNK_TOKENS = 40  # a few rows per forward: several forwards per step in the "chunked" training run
 
 
 def _text(rng: random.Random, lo: int, hi: int) -> str:
@@ -92,6 +93,9 @@ def trained(request, base, base_dir, data, tmp_path_factory):
         multi = {g: train_users(model, tok, data, peft_config(KINDS[kind][0], ucfg), ucfg, SEED, root / f"g{g}",
                                 MAX_LEN, max_users_per_batch=g)
                  for g in (4, 2)}  # a fresh config each: PEFT fills some fields in on first use
+        # a step's rows in several length-sorted forwards (a 16-row step here is ~200 padded tokens)
+        multi["c"] = train_users(model, tok, data, peft_config(KINDS[kind][0], ucfg), ucfg, SEED, root / "gc",
+                                 MAX_LEN, max_users_per_batch=4, tokens_per_forward=CHUNK_TOKENS)
         init = {}
         for u in SIZES:
             pm = attach(model, pcfg, SEED, u)
@@ -132,7 +136,7 @@ def _assert_same_module(got: dict, want: dict, dtype: str, what: str) -> None:
 
 def test_batched_training_equals_one_user_at_a_time(trained):
     kind, dtype, root, solo, multi, init, _ = trained
-    for g in (4, 2):
+    for g in (4, 2, "c"):
         for u in SIZES:
             a, b = root / "solo" / safe_user_dir(u), root / f"g{g}" / safe_user_dir(u)
             assert _config(a) == _config(b)
@@ -204,6 +208,42 @@ def test_stacked_adamw_matches_torch_adamw_with_clipping():
             torch.testing.assert_close(b.data[s], p.data, atol=1e-6, rtol=1e-6)
     assert stacked.steps == [0, 3, 5, 0, 6]
     assert all(torch.equal(b.data[s], o[s]) for b, o in zip(bank, untouched) for s in (0, 3))  # never active
+
+
+
+def test_row_lora_gradients_match_autograd_through_per_row_matmuls():
+    """RowLoRA's hand-written backward == autograd of the plain per-row formula, fp64, incl. a repeated slot."""
+    from oppu.multi.layers import RowLoRA
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=True)
+    bank_a = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    bank_b = torch.randn(4, 7, 2, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([0.0, 2.0, 0.75, 3.0], dtype=torch.float64)
+    rows = torch.tensor([1, 3, 1, 0, 2])
+    g = torch.randn(5, 3, 7, dtype=torch.float64)
+    got = RowLoRA.apply(x, bank_a, bank_b, scale, rows)
+    grads = torch.autograd.grad(got, (x, bank_a, bank_b), g)
+    want = torch.stack([(x[n] @ bank_a[s].T @ bank_b[s].T) * scale[s] for n, s in enumerate(rows.tolist())])
+    ref = torch.autograd.grad(want, (x, bank_a, bank_b), g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert grads[1][0].abs().max() == 0 < grads[1][1].abs().max()  # slot 0 (scale 0) learns nothing; slot 1 does
+    assert torch.autograd.gradcheck(lambda *t: RowLoRA.apply(*t, scale, rows), (x, bank_a, bank_b))
+
+
+def test_length_chunks_bound_padded_tokens_and_cover_every_row():
+    from oppu.multi.train import length_chunks
+    from oppu.train import Encoded
+    lengths = [5, 30, 7, 6, 12, 50, 8, 5]
+    rows = [Encoded(tuple(range(n)), 1) for n in lengths]
+    chunks = length_chunks(rows, 24)
+    assert sorted(i for c in chunks for i in c) == list(range(len(rows)))
+    for c in chunks:
+        longest = max(lengths[i] for i in c)
+        assert len(c) == 1 or len(c) * longest <= 24, c
+    assert [[lengths[i] for i in c] for c in chunks] == [[5, 5, 6], [7, 8], [12], [30], [50]]
+    assert length_chunks(rows, 10 ** 6) == [sorted(range(len(rows)), key=lambda i: lengths[i])]
 
 
 def _random_adapter(model, kind: str, seed: int, out: Path) -> Path:

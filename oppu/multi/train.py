@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from oppu.adapters import attach, detach, safe_user_dir, user_seed
-from oppu.config import UserTrainConfig
+from oppu.config import TOKENS_PER_FORWARD, UserTrainConfig
 from oppu.multi.model import MultiUserModel, peft_kind
 from oppu.train import Encoded, batches, collate, encode
 
@@ -110,10 +110,28 @@ def decoder_and_head(base):
     return decoder, head
 
 
-def per_user_loss(mm: MultiUserModel, decoder, head, rows: Sequence[Encoded], row_users: Sequence[str],
-                  row_group: torch.Tensor, n_groups: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean target-token loss of each group of rows [G] (as HF computes it for that group alone) and
-    each group's number of target tokens [G]. row_group [N] maps row -> group (user) index."""
+def n_targets(e: Encoded) -> int:
+    """Tokens whose prediction is scored: positions n_prompt.. of the row, never position 0."""
+    return len(e.ids) - max(e.n_prompt, 1)
+
+
+def length_chunks(rows: Sequence[Encoded], tokens_per_forward: int) -> list[list[int]]:
+    """Row indices sorted by length, cut greedily so each chunk's padded size (rows x its longest
+    row) stays within `tokens_per_forward` (a row longer than that goes alone). Fewer pad tokens
+    than one forward over every row padded to the longest, and bounded activation memory."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: len(rows[i].ids)):
+        if chunks and (len(chunks[-1]) + 1) * len(rows[i].ids) <= tokens_per_forward:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def token_loss_sums(mm: MultiUserModel, decoder, head, rows: Sequence[Encoded], row_users: Sequence[str],
+                    row_group: torch.Tensor, n_groups: int, pad_id: int) -> torch.Tensor:
+    """Sum of the target-token losses of each group of rows [G] (differentiable), one forward over
+    `rows` right-padded; row_group [N] maps row -> group (user) index."""
     b = collate(rows, pad_id)
     inputs = mm.prepare(b["input_ids"], b["attention_mask"], row_users)
     dev = inputs["attention_mask"].device
@@ -129,9 +147,26 @@ def per_user_loss(mm: MultiUserModel, decoder, head, rows: Sequence[Encoded], ro
         mm.ctx.lora, mm.ctx.ia3 = saved
     tok_loss = F.cross_entropy(logits, lab[r, c + 1], reduction="none")  # [M]
     g = row_group.to(dev)[r]
-    sums = torch.zeros(n_groups, dtype=tok_loss.dtype, device=dev).index_add(0, g, tok_loss)
-    counts = torch.bincount(g, minlength=n_groups)
-    return sums / counts.clamp(min=1), counts
+    return torch.zeros(n_groups, dtype=tok_loss.dtype, device=dev).index_add(0, g, tok_loss)
+
+
+def backward_per_user_loss(mm: MultiUserModel, decoder, head, rows: Sequence[Encoded], row_users: Sequence[str],
+                           row_group: Sequence[int], n_groups: int, pad_id: int,
+                           tokens_per_forward: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate the sum over groups (users) of each group's mean target-token loss (as HF
+    computes it for that group's rows alone), in length-sorted chunks of at most
+    `tokens_per_forward` padded tokens whose gradients accumulate; returns each group's mean loss
+    [G] (detached) and number of target tokens [G]."""
+    counts = torch.zeros(n_groups, dtype=torch.long)
+    for e, gi in zip(rows, row_group):
+        counts[gi] += n_targets(e)
+    total = torch.zeros(n_groups, dtype=torch.float32)
+    for chunk in length_chunks(rows, tokens_per_forward):
+        sums = token_loss_sums(mm, decoder, head, [rows[i] for i in chunk], [row_users[i] for i in chunk],
+                               torch.tensor([row_group[i] for i in chunk]), n_groups, pad_id)
+        (sums / counts.to(sums.device).clamp(min=1)).sum().backward()
+        total += sums.detach().cpu()
+    return total / counts.clamp(min=1), counts
 
 
 @dataclass
@@ -151,9 +186,13 @@ class MultiUserTrainer:
     def __init__(self, base, tok, examples_by_user: Mapping[str, Sequence], pcfg, ucfg: UserTrainConfig,
                  seed: int, max_len: int = 384, max_users_per_batch: int = 16,
                  save_root: str | Path | None = None,
-                 on_user_done: Callable[[str, list[float]], None] | None = None) -> None:
+                 on_user_done: Callable[[str, list[float]], None] | None = None,
+                 tokens_per_forward: int = TOKENS_PER_FORWARD) -> None:
         if max_users_per_batch < 1:
             raise ValueError(f"max_users_per_batch must be >= 1, got {max_users_per_batch}")
+        if tokens_per_forward < 1:
+            raise ValueError(f"tokens_per_forward must be >= 1, got {tokens_per_forward}")
+        self.tokens_per_forward = tokens_per_forward
         self.kind = peft_kind(pcfg)
         self.base, self.tok, self.pcfg, self.ucfg, self.seed = base, tok, pcfg, ucfg, seed
         self.group = max_users_per_batch
@@ -219,9 +258,8 @@ class MultiUserTrainer:
             rows += [run.data[i] for i in idx]
             row_users += [run.uid] * len(idx)
             row_group += [gi] * len(idx)
-        means, counts = per_user_loss(self.mm, self.decoder, self.head, rows, row_users,
-                                      torch.tensor(row_group), len(slots), self.tok.pad_token_id)
-        means.sum().backward()
+        means, counts = backward_per_user_loss(self.mm, self.decoder, self.head, rows, row_users, row_group,
+                                               len(slots), self.tok.pad_token_id, self.tokens_per_forward)
         self.opt.step(slots, max_grad_norm=1.0)
         self.opt.zero_grad()
         self.n_steps += 1
@@ -264,7 +302,8 @@ class MultiUserTrainer:
 
 def train_users(base, tok, examples_by_user: Mapping[str, Sequence], pcfg, ucfg: UserTrainConfig, seed: int,
                 save_root: str | Path | None = None, max_len: int = 384, max_users_per_batch: int = 16,
-                on_user_done: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
+                on_user_done: Callable[[str, list[float]], None] | None = None,
+                tokens_per_forward: int = TOKENS_PER_FORWARD) -> dict[str, list[float]]:
     """Train every user's module (batched); returns {uid: per-epoch mean loss}; leaves the base clean."""
     return MultiUserTrainer(base, tok, examples_by_user, pcfg, ucfg, seed, max_len, max_users_per_batch,
-                            save_root, on_user_done).run()
+                            save_root, on_user_done, tokens_per_forward).run()
