@@ -204,6 +204,8 @@ def test_bad_config_values_name_the_choices():
         RunConfig(methods=("oppu", "magic"))
     with pytest.raises(ValueError, match="unknown RunConfig key"):
         load_config(None, nonsense=1)
+    with pytest.raises(ValueError, match=r"tokens_per_forward must be >= 1 \(got 2, 16, 0\)"):
+        RunConfig(tokens_per_forward=0)
 
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch():
@@ -222,16 +224,20 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
 
 
 def test_local_executor_writes_the_same_adapters_as_inline(lora_run, world, tmp_path):
-    """--executor local (process pool, batched trainer) == inline one-at-a-time training."""
+    """--executor local (process pool, batched trainer, a step in several forwards) == inline
+    one-at-a-time training."""
     from safetensors.torch import load_file
 
     from oppu.pipeline import run
     cache = str(Path(lora_run.info["base"]["path"]).parent.parent)
     res = run(micro(tmp_path, data=str(world), cache_dir=cache, executor="local", workers=2,
-                    max_users_per_batch=2, methods=("oppu", "oppu_rag", "oppu_pag")))  # same variants
+                    max_users_per_batch=2, tokens_per_forward=128,
+                    methods=("oppu", "oppu_rag", "oppu_pag")))  # same variants
     for d in (lora_run.out / "adapters").iterdir():
         a = load_file(d / "adapter_model.safetensors")
         b = load_file(res.out / "adapters" / d.name / "adapter_model.safetensors")
         assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        # fp32 rounding (another summation order), amplified by Adam where a gradient element cancels
+        # to ~eps, may take a rare element past 1e-5 (tests/test_multi.py shows it is rounding, in fp64)
+        assert d.max() <= 1e-4 and int((d > 1e-5).sum()) <= max(2, d.numel() // 1000), (d.max(), d.numel())

@@ -127,7 +127,10 @@ class MultiUserLinear(nn.Module):
             out_dtype = result.dtype
             xl = x.to(self.lora_A.dtype).reshape(n, -1, x.shape[-1])  # [N, T, in]
             delta = RowLoRA.apply(xl, self.lora_A, self.lora_B, self.lora_scale, lora)  # [N, T, out]
-            result = (result + delta.view(result.shape)).to(out_dtype)
+            if result.dtype == delta.dtype:  # nothing saved the base output for backward: add in place
+                result = result.add_(delta.view(result.shape))
+            else:
+                result = (result + delta.view(result.shape)).to(out_dtype)
         return result
 
 
