@@ -174,12 +174,13 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (0 = none)"),
         user_epochs: Optional[int] = typer.Option(None, help="per-user PEFT epochs"),
         user_lr: Optional[float] = typer.Option(None, help="per-user PEFT learning rate"),
-        executor: Optional[str] = typer.Option(None, help="per-user training: inline | local | ray"),
+        executor: Optional[str] = typer.Option(None, help="per-user training: inline (one user at a time) | "
+                                                          "batched (many per pass) | local | ray"),
         workers: Optional[int] = typer.Option(None, help="training workers for --executor local|ray"),
         ray_address: Optional[str] = typer.Option(None, help="Ray address (--executor ray); omit for a private local Ray"),
-        max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (local|ray)"),
+        max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (batched|local|ray)"),
         tokens_per_forward: Optional[int] = typer.Option(None, help="batched training: padded tokens per forward "
-                                                                    "chunk, bounds memory (local|ray; default 1024)"),
+                                                                    "chunk, bounds memory (batched|local|ray; default 1024)"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
         strict: bool = typer.Option(True, "--strict/--lenient", help="lenient: skip bad records, counted")):
     """Run OPPU and its baselines on one task; writes predictions, metrics, report and adapters."""
@@ -207,6 +208,8 @@ def experiment(name: str = typer.Argument(..., help="methods | peft-types | acti
                buckets: int = typer.Option(3, help="activity / shift on real data: number of buckets"),
                levels: Optional[str] = typer.Option(None, help="cold-start: history sizes; k: depths (comma list)"),
                seed: int = typer.Option(0, help="base seed; per-user seeds are seed, seed+1, ..."),
+               executor: Optional[str] = typer.Option(None, help="per-user training: inline (default) | batched | "
+                                                                 "local | ray"),
                keep_adapters: bool = typer.Option(False, help="keep every trained adapter under OUT/.work")):
     """Rerun one of the paper's analyses; writes OUT/results.json, OUT/report.md and PNG plots."""
     from oppu.experiments import ExpOptions, run_experiment
@@ -214,7 +217,7 @@ def experiment(name: str = typer.Argument(..., help="methods | peft-types | acti
         lv = tuple(int(x) for x in levels.split(",") if x.strip()) if levels else ()
     except ValueError:
         _fail(f"--levels {levels!r}: expected a comma list of integers, e.g. 1,2,4")
-    overrides = {"seed": seed, "user_train.epochs": user_epochs}
+    overrides = {"seed": seed, "user_train.epochs": user_epochs, "executor": executor}
     try:
         opts = ExpOptions(name=name, task=task, data=data or "", synth=synth, out=out or f"runs/experiment-{name}",
                           base=base, seeds=seeds, test_users=test_users, other_users=other_users,

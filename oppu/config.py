@@ -21,7 +21,9 @@ METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
-EXECUTORS = ("inline", "local", "ray")  # per-user training: this process, a process pool, a Ray cluster
+# per-user training: one user at a time in this process (PEFT, the paper's way), many users per pass
+# in this process (oppu.multi), in a process pool, on a Ray cluster
+EXECUTORS = ("inline", "batched", "local", "ray")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ class RunConfig:
     infer_batch_size: int = 32
     strict: bool = True
     cache_dir: str = ""                # "" = $OPPU_CACHE or ~/.cache/oppu
-    executor: str = "inline"           # per-user training: inline | local | ray
+    executor: str = "inline"           # per-user training: inline | batched | local | ray (EXECUTORS)
     workers: int = 2                   # processes / Ray tasks for executor local|ray
     ray_address: str = ""              # "" = a private local Ray; else e.g. "ray://head:10001"
-    max_users_per_batch: int = 16      # users trained together by the batched trainer (local|ray)
+    max_users_per_batch: int = 16      # users trained together by the batched trainer (batched|local|ray)
     tokens_per_forward: int = TOKENS_PER_FORWARD  # batched trainer: padded tokens per forward chunk
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)

@@ -132,18 +132,25 @@ class Session:
                                     adapters_dir / safe_user_dir(u.user_id), c.max_prompt_tokens)
                 info[u.user_id] = {"losses": losses, "seconds": round(time.perf_counter() - t0, 3)}
                 self.progress.advance(pt, 1)
-        else:  # processes on this machine, or a Ray cluster: users sharded, same adapter directory
-            from oppu.scale import train_sharded
+        else:  # many users per pass: in this process, in a process pool, or on a Ray cluster
             t0 = time.perf_counter()
-            losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user, pcfg, ucfg, seed,
-                                           adapters_dir, executor=c.executor, workers=c.workers,
-                                           ray_address=c.ray_address or None,
-                                           max_users_per_batch=c.max_users_per_batch,
-                                           tokens_per_forward=c.tokens_per_forward,
-                                           max_len=c.max_prompt_tokens, dtype=c.dtype, device=c.device)
+            if c.executor == "batched":
+                from oppu.multi import train_users
+                losses_by_user = train_users(self.model, self.tok, exs_by_user, pcfg, ucfg, seed, adapters_dir,
+                                             c.max_prompt_tokens, c.max_users_per_batch,
+                                             on_user_done=lambda uid, losses: self.progress.advance(pt, 1),
+                                             tokens_per_forward=c.tokens_per_forward)
+            else:
+                from oppu.scale import train_sharded
+                losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user, pcfg, ucfg, seed,
+                                               adapters_dir, executor=c.executor, workers=c.workers,
+                                               ray_address=c.ray_address or None,
+                                               max_users_per_batch=c.max_users_per_batch,
+                                               tokens_per_forward=c.tokens_per_forward,
+                                               max_len=c.max_prompt_tokens, dtype=c.dtype, device=c.device)
+                self.progress.advance(pt, len(users))
             per = round((time.perf_counter() - t0) / max(1, len(users)), 3)  # wall time shared by all
             info = {uid: {"losses": ls, "seconds": per} for uid, ls in losses_by_user.items()}
-            self.progress.advance(pt, len(users))
         for u in users:
             info[u.user_id].update(examples=len(exs_by_user[u.user_id]), history=len(u.history),
                                    dir=safe_user_dir(u.user_id))

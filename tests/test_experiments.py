@@ -216,18 +216,22 @@ def test_bad_options_fail_clearly(tmp_path):
         run_experiment(ExpOptions("methods", data=str(tmp_path), all_tasks=True, out=str(tmp_path / "o")))
     r = CliRunner().invoke(app, ["experiment", "k", "--synth", "--levels", "1,x", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--levels '1,x'" in r.output
+    r = CliRunner().invoke(app, ["experiment", "k", "--synth", "--executor", "fast", "--base", "tiny:micro",
+                                 "--out", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "unknown executor 'fast'" in r.output and "batched" in r.output
 
 
 def test_the_recorded_command_reproduces_the_numbers(tmp_path, monkeypatch):
     """Run through the CLI, then run the command written in results.json: same numbers."""
     monkeypatch.setenv("OPPU_CACHE", str(tmp_path / "cache"))
     args = ["experiment", "k", "--synth", "--out", str(tmp_path / "a"), "--base", "tiny:micro", "--seeds", "1",
-            "--test-users", "3", "--other-users", "8", "--base-epochs", "1", "--user-epochs", "1", "--levels", "0,2"]
+            "--test-users", "3", "--other-users", "8", "--base-epochs", "1", "--user-epochs", "1", "--levels", "0,2",
+            "--executor", "batched"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     first = json.loads((tmp_path / "a" / "results.json").read_text())
     cmd = first["command"].split()
-    assert cmd[:2] == ["oppu", "experiment"]
+    assert cmd[:2] == ["oppu", "experiment"] and cmd[cmd.index("--executor") + 1] == "batched"
     cmd[cmd.index("--out") + 1] = str(tmp_path / "b")
     r = CliRunner().invoke(app, cmd[1:])
     assert r.exit_code == 0, r.output
