@@ -9,6 +9,7 @@ from __future__ import annotations
 from oppu.config import METHODS
 from oppu.experiments.common import Lab, improvement, primary_metric
 from oppu.experiments.plots import bars
+from oppu.session import ADAPTER_METHODS
 
 
 def buckets(users: list, n: int) -> list[list]:
@@ -36,20 +37,8 @@ def run(lab: Lab) -> dict:
     groups = buckets(s.test, lab.opts.buckets)
     labels = [f"{len(g[0].history)}-{len(g[-1].history)} items" for g in groups]
     # train once per seed on every test user, then score each bucket's questions
-    plain = [m for m in METHODS if not m.startswith("oppu")]
-    adapt = [m for m in METHODS if m.startswith("oppu")]
-    preds = s.parse(s.generate(s.test, plain, None, label="baselines"))
-    for g, lbl in zip(groups, labels):
-        for m in plain:
-            lab.record(s, "activity", {"bucket": lbl}, m, None, preds[m], g)
-    for seed in lab.seeds:
-        d = lab.work_dir(tid, "activity", seed)
-        s.train(s.test, d, adapt, seed=seed, label=f"train s{seed}")
-        p = s.parse(s.generate(s.test, adapt, d, label=f"infer s{seed}"))
-        for g, lbl in zip(groups, labels):
-            for m in adapt:
-                lab.record(s, "activity", {"bucket": lbl}, m, seed, p[m], g)
-        lab.done_with(d)
+    lab.run_groups(s, s.test, {"activity": (s, s.test)},
+                   [("activity", {"bucket": lbl}, g, None) for g, lbl in zip(groups, labels)], METHODS, "activity")
 
     agg = lab.aggregate()
     metric = primary_metric(tid, lab.cell(agg, "non_personalized")["mean"])
@@ -79,7 +68,7 @@ def run(lab: Lab) -> dict:
     findings.append(f"oppu's gain goes from {first['gain']['oppu']:+.3f} (shortest histories) to "
                     f"{last['gain']['oppu']:+.3f} (longest)")
     ok = [lbl for lbl, v in summary.items()
-          if max(v["gain"][m] for m in adapt) > max(0.0, *(v["gain"][m] for m in ("rag", "pag")))]
+          if max(v["gain"][m] for m in ADAPTER_METHODS) > max(0.0, *(v["gain"][m] for m in ("rag", "pag")))]
     claims = [("a method with the user's PEFT beats non_personalized, rag and pag at every activity level",
                len(ok) == len(summary), f"true in {len(ok)} of {len(summary)} bucket(s)")]
     png = bars(lab.out / "activity.png", labels, series, "history length bucket (users per bucket in the table)",

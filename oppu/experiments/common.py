@@ -213,6 +213,30 @@ class Lab:
             self.done_with(d)
         return facts
 
+    def run_groups(self, s: Session, train_users: Sequence, worlds: dict[str, tuple[Session, Sequence]],
+                   groups: Sequence[tuple[str, dict[str, Any], Sequence, Sequence[str] | None]],
+                   methods: Sequence[str], tag: str) -> None:
+        """Score several groups of questions with one set of modules per seed: `s` trains the modules
+        of `train_users` once per seed; each world's (session, users) answers once per method and
+        seed; each group (world, condition, users, question ids or None for all of theirs) is recorded
+        on its own questions. Shared-base methods run once (seed None)."""
+        plain = [m for m in methods if m not in ADAPTER_METHODS]
+        adapt = [m for m in methods if m in ADAPTER_METHODS]
+
+        def answer_and_record(ms: list[str], adapters: Path | None, seed: int | None, what: str) -> None:
+            preds = {w: ws.parse(ws.generate(us, ms, adapters, label=f"{w} {what}")) for w, (ws, us) in worlds.items()}
+            for world, cond, users, qids in groups:
+                for m in ms:
+                    self.record(worlds[world][0], world, cond, m, seed, preds[world][m], users, qids)
+
+        if plain:
+            answer_and_record(plain, None, None, "baselines")
+        for seed in self.seeds if adapt else []:
+            d = self.work_dir(s.task.id, tag, seed)
+            s.train(train_users, d, adapt, seed=seed, label=f"train s{seed}")
+            answer_and_record(adapt, d, seed, f"infer s{seed}")
+            self.done_with(d)
+
     # -- aggregation ----------------------------------------------------------------------------
     def aggregate(self) -> list[dict[str, Any]]:
         """Mean and standard deviation over seeds per (task, world, condition, method)."""

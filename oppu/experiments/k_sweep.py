@@ -41,7 +41,8 @@ def run(lab: Lab) -> dict:
     best = {m: max(ks, key=lambda k: improvement(metric, summary[str(k)][m], 0.0)) for m in series}
     findings = [f"best k: rag {best['rag']}, oppu_rag {best['oppu_rag']}",
                 "oppu_rag - rag per k: " + ", ".join(f"k={k} {summary[str(k)]['gap']:+.3f}" for k in ks),
-                f"rag from k={ks[0]} to k={ks[-1]}: {summary[str(ks[0])]['rag']:.3f} -> {summary[str(ks[-1])]['rag']:.3f}"]
+                f"rag from k={ks[0]} to k={ks[-1]}: {summary[str(ks[0])]['rag']:.3f} -> "
+                f"{summary[str(ks[-1])]['rag']:.3f}"]
     claims = [("OPPU with retrieval beats retrieval alone at every depth k",
                all(v["gap"] > 0 for v in summary.values()),
                f"positive at {sum(v['gap'] > 0 for v in summary.values())} of {len(ks)} depths")]

@@ -81,23 +81,11 @@ def run(lab: Lab) -> dict:
         groups = [(lbl, i, "default", s0, s0.test, ids) for i, (lbl, ids) in enumerate(parts)]
 
     # one set of user modules per seed (trained on the shared histories), every group scored with it
-    plain = [m for m in METHODS if not m.startswith("oppu")]
-    adapt = [m for m in METHODS if m.startswith("oppu")]
-    by_world: dict[str, tuple] = {}
-    for lbl, _, world, s, users, _ in groups:
-        by_world.setdefault(world, (s, users))
-    base_preds = {w: s.parse(s.generate(users, plain, None, label=f"{w} baselines")) for w, (s, users) in by_world.items()}
-    for lbl, _, world, s, users, qids in groups:
-        for m in plain:
-            lab.record(s, world, {"level": lbl}, m, None, base_preds[world][m], users, qids)
-    for seed in lab.seeds:
-        d = lab.work_dir(s0.task.id, "shift", seed)
-        s0.train(s0.test, d, adapt, seed=seed, label=f"train s{seed}")
-        preds = {w: s.parse(s.generate(users, adapt, d, label=f"{w} infer s{seed}")) for w, (s, users) in by_world.items()}
-        for lbl, _, world, s, users, qids in groups:
-            for m in adapt:
-                lab.record(s, world, {"level": lbl}, m, seed, preds[world][m], users, qids)
-        lab.done_with(d)
+    worlds: dict[str, tuple] = {}
+    for _, _, world, s, users, _ in groups:
+        worlds.setdefault(world, (s, users))
+    lab.run_groups(s0, s0.test, worlds, [(world, {"level": lbl}, users, qids)
+                                         for lbl, _, world, _, users, qids in groups], METHODS, "shift")
 
     agg = lab.aggregate()
     tid = s0.task.id
@@ -131,4 +119,5 @@ def run(lab: Lab) -> dict:
     notes = ["Synthetic shifted queries come from a part of the user's taste their history never shows, so "
              "no method can know their answers: both RAG and OPPU are expected to fall toward the "
              "population level there; the question is which falls less."] if lab.opts.synth else []
-    return lab.finish({"mode": mode, "levels": summary, "drop": drop}, findings, claims, ["\n".join(table)], [png], notes)
+    return lab.finish({"mode": mode, "levels": summary, "drop": drop}, findings, claims, ["\n".join(table)], [png],
+                      notes)
