@@ -53,6 +53,12 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
+def n_targets(e: Encoded) -> int:
+    """Labels `collate` gives this row that a causal LM scores: positions n_prompt.. of the row,
+    never position 0 (nothing predicts it)."""
+    return len(e.ids) - max(e.n_prompt, 1)
+
+
 def batches(n: int, batch_size: int, epochs: int, seed: int,
             lengths: Sequence[int] | None = None, bucket: int = 8) -> list[list[list[int]]]:
     """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index].

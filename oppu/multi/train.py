@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from oppu.adapters import attach, detach, safe_user_dir, user_seed
 from oppu.config import TOKENS_PER_FORWARD, UserTrainConfig
 from oppu.multi.model import MultiUserModel, peft_kind
-from oppu.train import Encoded, batches, collate, encode
+from oppu.train import Encoded, batches, collate, encode, n_targets
 
 
 class StackedAdamW:
@@ -110,11 +110,6 @@ def decoder_and_head(base):
     return decoder, head
 
 
-def n_targets(e: Encoded) -> int:
-    """Tokens whose prediction is scored: positions n_prompt.. of the row, never position 0."""
-    return len(e.ids) - max(e.n_prompt, 1)
-
-
 def length_chunks(rows: Sequence[Encoded], tokens_per_forward: int) -> list[list[int]]:
     """Row indices sorted by length, cut greedily so each chunk's padded size (rows x its longest
     row) stays within `tokens_per_forward` (a row longer than that goes alone). Fewer pad tokens
@@ -157,9 +152,10 @@ def backward_per_user_loss(mm: MultiUserModel, decoder, head, rows: Sequence[Enc
     computes it for that group's rows alone), in length-sorted chunks of at most
     `tokens_per_forward` padded tokens whose gradients accumulate; returns each group's mean loss
     [G] (detached) and number of target tokens [G]."""
-    counts = torch.zeros(n_groups, dtype=torch.long)
+    per_group = [0] * n_groups
     for e, gi in zip(rows, row_group):
-        counts[gi] += n_targets(e)
+        per_group[gi] += n_targets(e)
+    counts = torch.tensor(per_group, dtype=torch.long)
     total = torch.zeros(n_groups, dtype=torch.float32)
     for chunk in length_chunks(rows, tokens_per_forward):
         sums = token_loss_sums(mm, decoder, head, [rows[i] for i in chunk], [row_users[i] for i in chunk],
