@@ -1,4 +1,4 @@
-"""The Retriever protocol, the shared top-k ranking rule, and the by-name factory.
+"""The Retriever protocol and the shared top-k ranking rule; the by-name factory is oppu.retrieval.
 
 A retriever indexes one user's history documents (chronological order, oldest first) and
 returns indices into that list, most relevant first:
@@ -14,11 +14,9 @@ of an arbitrary order. Never more than k results; with `limit`, only indices < l
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-RETRIEVERS = ("bm25", "dense", "recency")
 
 
 @runtime_checkable
@@ -54,16 +52,3 @@ def top_k(scores: np.ndarray, k: int, limit: int | None = None) -> list[int]:
     order = np.lexsort((-idx, -s))  # last key is primary: -score, then -index
     return [int(i) for i in order[:k]]
 
-
-def make_retriever(name: str, **kw: Any) -> Retriever:
-    """Build a retriever by name: "bm25", "dense" or "recency"; `kw` go to its constructor."""
-    if name == "bm25":
-        from oppu.retrieval.bm25 import BM25Retriever
-        return BM25Retriever(**kw)
-    if name == "dense":
-        from oppu.retrieval.dense import DenseRetriever
-        return DenseRetriever(**kw)
-    if name == "recency":
-        from oppu.retrieval.recency import RecencyRetriever
-        return RecencyRetriever(**kw)
-    raise ValueError(f"unknown retriever {name!r}; valid choices: {', '.join(RETRIEVERS)}")
