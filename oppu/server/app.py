@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+import oppu.server.schemas as S
 from oppu.crypto import CryptoError
-from oppu.server import schemas as S
 from oppu.server.service import Conflict, Service
 from oppu.store import (USER_ID_PATTERN, CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter,
                         UnknownUser, UnknownVersion, UserExists)
@@ -188,6 +188,19 @@ def create_app(svc: Service) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=svc.cfg.max_body_bytes)
     app.add_middleware(RequestMetrics, service=svc)
     _handlers(app)
+    caller, admin, owner = _auth(svc)
+    # Registration order is the route and OpenAPI path order.
+    _ops_routes(app, svc)
+    _account_routes(app, svc, admin, owner)
+    _training_routes(app, svc, caller, owner)
+    _inference_routes(app, svc, owner)
+    _user_data_routes(app, svc, owner)
+    return app
+
+
+def _auth(svc: Service):
+    """The three auth dependencies: caller (any valid token), admin (the admin token) and owner
+    (admin, or the token of the user named in the path; returns that user id)."""
     bearer = HTTPBearer(auto_error=False, description="the admin token, or a user's token for that user's routes")
 
     def caller(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
@@ -213,8 +226,11 @@ def create_app(svc: Service) -> FastAPI:
             raise HTTPException(403, NOT_OWN)
         return uid
 
-    Owner = Annotated[str, Depends(owner)]
+    return caller, admin, owner
 
+
+def _ops_routes(app: FastAPI, svc: Service) -> None:
+    """/healthz and /metrics: open, no user data."""
     @app.get("/healthz", response_model=S.Health, tags=["ops"])
     def healthz():
         return S.Health(status="ok", task=svc.task.id, base=str(svc.base_info.get("source", "")),
@@ -224,6 +240,11 @@ def create_app(svc: Service) -> FastAPI:
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}})
     def metrics():
         return PlainTextResponse(svc.metrics.render(svc.gauges()), media_type="text/plain; version=0.0.4")
+
+
+def _account_routes(app: FastAPI, svc: Service, admin, owner) -> None:
+    """Create a user (admin), read a user, append to a user's history."""
+    Owner = Annotated[str, Depends(owner)]
 
     @app.post("/v1/users", status_code=201, response_model=S.UserCreated, responses=AUTH_ERRORS, tags=["users"])
     def create_user(_: Annotated[Caller, Depends(admin)]):
@@ -245,6 +266,11 @@ def create_app(svc: Service) -> FastAPI:
         seqs = svc.add_history(user_id, body.task, body.items)
         return S.HistoryAdded(user_id=user_id, added=len(seqs), last_seq=seqs[-1])
 
+
+def _training_routes(app: FastAPI, svc: Service, caller, owner) -> None:
+    """Queue a train/update job, poll a job."""
+    Owner = Annotated[str, Depends(owner)]
+
     @app.post("/v1/users/{user_id}/train", status_code=202, response_model=S.JobOut, responses=AUTH_ERRORS,
               tags=["training"])
     def train(user_id: UserId, _: Owner):
@@ -257,6 +283,11 @@ def create_app(svc: Service) -> FastAPI:
         if not c.admin and svc.job_owner(job_id) != c.user_id:
             raise HTTPException(403, "this token may only read its own user's jobs")
         return svc.job(job_id)
+
+
+def _inference_routes(app: FastAPI, svc: Service, owner) -> None:
+    """Generate with the user's active adapter (batched across users)."""
+    Owner = Annotated[str, Depends(owner)]
 
     @app.post("/v1/users/{user_id}/generate", response_model=S.Generated, responses=AUTH_ERRORS,
               tags=["inference"])
@@ -273,6 +304,11 @@ def create_app(svc: Service) -> FastAPI:
             raise HTTPException(503, f"generation did not finish within {svc.cfg.generate_timeout_s}s") from None
         svc.metrics.generate_latency.observe(time.perf_counter() - t0)
         return S.Generated(output=text, prediction=svc.task.parse(text), adapter_version=version)
+
+
+def _user_data_routes(app: FastAPI, svc: Service, owner) -> None:
+    """A user's data out: the encrypted export, and deletion of everything."""
+    Owner = Annotated[str, Depends(owner)]
 
     @app.get("/v1/users/{user_id}/adapter", response_class=Response, tags=["users"],
              responses={**AUTH_ERRORS, 200: {"content": {"application/octet-stream": {}},
@@ -294,5 +330,3 @@ def create_app(svc: Service) -> FastAPI:
         db and WAL are scrubbed and the adapter leaves the serving model."""
         svc.delete(user_id)
         return S.Deleted(user_id=user_id, deleted=True)
-
-    return app
