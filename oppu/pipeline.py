@@ -13,7 +13,6 @@ Writes under cfg.out:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -26,6 +25,7 @@ from oppu.config import RunConfig
 from oppu.data.lamp import write_json_atomic, write_outputs
 from oppu.data.users import User
 from oppu.examples import base_examples, variants_for
+from oppu.fingerprint import data_fingerprint, fingerprint
 from oppu.session import ADAPTER_METHODS
 
 
@@ -35,9 +35,6 @@ class RunResult:
     metrics: dict[str, dict[str, float]]
     predictions: dict[str, dict[str, str]]
     info: dict[str, Any] = field(default_factory=dict)
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tokenizer_corpus(task, others: list[User], test: list[User]) -> list[str]:
@@ -56,15 +53,6 @@ def _tokenizer_corpus(task, others: list[User], test: list[User]) -> list[str]:
     return out
 
 
-def _data_fingerprint(users: list[User], golds: bool = True) -> str:
-    """Content hash of users (every item, input and, with golds, gold)."""
-    h = hashlib.sha256()
-    for u in sorted(users, key=lambda u: u.user_id):
-        qs = [(q.id, q.input, q.gold if golds else None, q.visible) for q in u.queries]
-        h.update(json.dumps([u.user_id, list(u.items_by_id.values()), qs], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
 def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], profile_fn, log, progress,
                  on_model: Callable[[Any, Any], None] = lambda m, t: None):
     """Load (or build and cache) the task-adapted base. Returns (model, tok, info).
@@ -79,11 +67,11 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
     from oppu.model.task_adapt import adapt_base
 
     variants = variants_for(cfg.methods)
-    key = _fingerprint({"task": task.id, "base": cfg.base, "seed": cfg.seed, "bt": cfg.base_train,
-                        "k": cfg.k, "retriever": cfg.retriever, "variants": variants, "style": cfg.prompt_style,
-                        "profile": cfg.profile, "max_len": cfg.max_prompt_tokens,
-                        "data": _data_fingerprint(others),
-                        "test": _data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 2})
+    key = fingerprint({"task": task.id, "base": cfg.base, "seed": cfg.seed, "bt": cfg.base_train,
+                       "k": cfg.k, "retriever": cfg.retriever, "variants": variants, "style": cfg.prompt_style,
+                       "profile": cfg.profile, "max_len": cfg.max_prompt_tokens,
+                       "data": data_fingerprint(others),
+                       "test": data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 2})
     cached = cfg.cache_root() / "bases" / f"{task.id}-{key}"
     if (cached / "oppu_base.json").exists():
         log(f"base: reusing cached task-adapted base {cached}")

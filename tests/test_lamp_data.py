@@ -632,12 +632,12 @@ def test_spread_selection_covers_every_history_length():
 def test_base_cache_key_sees_content_not_just_shapes(tmp_path):
     """Two worlds with the same users and history lengths but other text must not share a base."""
     from oppu.data.synth import synth_world
-    from oppu.pipeline import _data_fingerprint
+    from oppu.fingerprint import data_fingerprint
     a = synth_world("LaMP_2M", tmp_path / "a", seed=2, test_users=2, other_users=6, noise=0.05)
     b = synth_world("LaMP_2M", tmp_path / "b", seed=2, test_users=2, other_users=6, noise=0.5)
     assert a["counts"]["train_history"] == b["counts"]["train_history"]
     oa = load_lamp_dir(tmp_path / "a", "LaMP_2M").split_users(2)[1]
     ob = load_lamp_dir(tmp_path / "b", "LaMP_2M").split_users(2)[1]
     assert [(u.user_id, len(u.history)) for u in oa] == [(u.user_id, len(u.history)) for u in ob]
-    assert _data_fingerprint(oa) != _data_fingerprint(ob)
-    assert _data_fingerprint(oa) == _data_fingerprint(load_lamp_dir(tmp_path / "a", "LaMP_2M").split_users(2)[1])
+    assert data_fingerprint(oa) != data_fingerprint(ob)
+    assert data_fingerprint(oa) == data_fingerprint(load_lamp_dir(tmp_path / "a", "LaMP_2M").split_users(2)[1])

@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 
 from oppu.experiments.common import Lab, fmt, improvement, primary_metric
-from oppu.pipeline import _data_fingerprint
-from oppu.session import load_users
 from oppu.experiments.plots import lines
+from oppu.fingerprint import data_fingerprint
 from oppu.report import axis_label
+from oppu.session import load_users
 
 METHODS = ("non_personalized", "rag", "oppu", "oppu_rag")
 SYNTH_LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -51,7 +51,7 @@ def run(lab: Lab) -> dict:
         groups = []  # (level label, x, world, session, users, qids)
         for name, lv, d in worlds:
             _, test, others = load_users(lab.config(task, d))
-            if not _same_histories(test, s0.test) or _data_fingerprint(others) != _data_fingerprint(s0.others):
+            if not _same_histories(test, s0.test) or data_fingerprint(others) != data_fingerprint(s0.others):
                 raise RuntimeError(f"world {name} does not share its users' histories with {worlds[0][0]}")
             lab.register_world(s0.task.id, name, test)
             groups.append((f"{lv:.2f}", lv, name, s0, test, None))
