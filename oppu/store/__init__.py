@@ -4,13 +4,13 @@
     store = AdapterStore("var/oppu")
 
 Files: store.py (AdapterStore: users, history, versions, delete, crash recovery), db.py (schema,
-connections, transactions, scrubbing), files.py (temp dirs, fsync, checksums), jobs.py (jobs and
-access tokens), bundle.py (the JSON export payload), errors.py.
+connections, transactions, scrubbing), files.py (user dir names, temp dirs, fsync, checksums),
+jobs.py (jobs and access tokens), bundle.py (the JSON export payload), errors.py.
 """
 from oppu.store.bundle import Bundle, BundleError
 from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, StoreError,
                                UnknownUser, UnknownVersion, UserExists)
-from oppu.store.files import ADAPTER_FILES
+from oppu.store.files import ADAPTER_FILES, safe_user_dir
 from oppu.store.jobs import Job
 from oppu.store.store import (USER_ID_PATTERN, AdapterStore, HistoryItem, Served, UserInfo, Version,
                               validate_user_id)
@@ -18,4 +18,4 @@ from oppu.store.store import (USER_ID_PATTERN, AdapterStore, HistoryItem, Served
 __all__ = ["ADAPTER_FILES", "USER_ID_PATTERN", "AdapterStore", "Bundle", "BundleError", "CorruptAdapterError",
            "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "Served",
            "StoreError", "UnknownUser", "UnknownVersion", "UserExists", "UserInfo", "Version",
-           "validate_user_id"]
+           "safe_user_dir", "validate_user_id"]

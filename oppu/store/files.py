@@ -1,4 +1,5 @@
-"""Adapter files on disk: private temp dirs, fsync, checksums, verification. No database here.
+"""Adapter files on disk: user dir names, private temp dirs, fsync, checksums, verification.
+No database here.
 
 A version is written into `root/tmp/<pid>.<random>` (same filesystem as its final place, so the
 rename is atomic), every file is fsynced and hashed, and only then renamed into
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -25,6 +27,14 @@ DROPPED_FILES = ("README.md",)
 
 _ACTIVE: set[str] = set()   # temp dirs owned by in-flight writes of this process
 _ACTIVE_LOCK = threading.Lock()
+
+
+def safe_user_dir(user_id: str) -> str:
+    """A directory name that cannot escape its parent; a hash suffix keeps it unique."""
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64].lstrip(".")
+    if s != user_id or not s:
+        s = f"{s or 'user'}-{hashlib.sha256(user_id.encode()).hexdigest()[:8]}"
+    return s
 
 
 def sha256_bytes(data: bytes) -> str:

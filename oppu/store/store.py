@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from oppu.adapters import safe_user_dir
 from oppu.store.db import USER_TABLES, Database
 from oppu.store.errors import (CorruptAdapterError, HistoryError, NoAdapter, StoreError, UnknownUser,
                                UnknownVersion, UserExists, InvalidUserId)
 from oppu.store.files import (ADAPTER_FILES, check_file, clean_temp_dirs, fsync_dir, new_temp_dir,
-                              read_checked, release_temp_dir, seal, write_files)
+                              read_checked, release_temp_dir, safe_user_dir, seal, write_files)
 from oppu.store.jobs import Jobs, Tokens
 from oppu.store.records import HistoryItem, Served, UserInfo, Version, version_from_row
 
