@@ -41,6 +41,28 @@ def auto_predictions(users: list[User], n: int, threshold: float, pick: dict) ->
     return out
 
 
+def fit_threshold(s, users: list[User], levels: tuple, pick: dict, metric: str) -> int:
+    """The `auto` threshold that scores best on `users`, averaged over all levels. Candidates:
+    every level below ALL, and ALL + 1 (always retrieval only); ties go to the smallest."""
+    cands = [n for n in levels if n != ALL] + [ALL + 1]
+
+    def value(t):
+        return sum(improvement(metric, s.score(auto_predictions(users, n, t, pick),
+                                               [truncate(u, n) for u in users])[metric], 0.0)
+                   for n in levels) / len(levels)
+    return max(cands, key=lambda t: (value(t), -t))
+
+
+def crossover(summary: dict, labels: list[str], metric: str, a: str, b: str) -> str | None:
+    """Smallest level (of `labels`, in level order) from which `a` is at least as good as `b` at
+    every larger level."""
+    good = [improvement(metric, summary[c][a], summary[c][b]) >= 0 for c in labels]
+    for i in range(len(labels)):
+        if all(good[i:]):
+            return labels[i]
+    return None
+
+
 def run(lab: Lab) -> dict:
     levels = tuple(sorted(set(lab.opts.levels or DEFAULT_LEVELS))) + (ALL,)
     if levels[0] < 1:
@@ -72,23 +94,18 @@ def run(lab: Lab) -> dict:
             lab.done_with(d)
         # auto, cross-fitted over two folds of users: fit the threshold on one fold, apply to the other
         pick = {"rag": rag, "oppu_rag": oppu_rag}
-        cands = [n for n in levels if n != ALL] + [ALL + 1]   # ALL + 1: always retrieval only
-
-        def fit(users):
-            def value(t):
-                return sum(improvement(metric, s.score(auto_predictions(users, n, t, pick),
-                                                       [truncate(u, n) for u in users])[metric], 0.0)
-                           for n in levels) / len(levels)
-            return max(cands, key=lambda t: (value(t), -t))  # ties: the smallest threshold
-
-        chosen = [fit(folds[1 - f] or folds[f]) for f in (0, 1)]
+        chosen = [fit_threshold(s, folds[1 - f] or folds[f], levels, pick, metric) for f in (0, 1)]
         thresholds[seed] = chosen
         for n in levels:
             auto = {}
             for f in (0, 1):
                 auto.update(auto_predictions(folds[f], n, chosen[f], pick))
             lab.record(s, "default", {"items": name[n]}, "auto", seed, auto, users_at[n])
+    return _report(lab, tid, levels, name, thresholds)
 
+
+def _report(lab: Lab, tid: str, levels: tuple, name: dict, thresholds: dict) -> dict:
+    """Aggregate over seeds: the per-level table and plot, the crossovers, `auto` against its arms."""
     agg = lab.aggregate()
     metric = primary_metric(tid, lab.cell(agg, "rag")["mean"])
     methods = METHODS + ("auto",)
@@ -101,16 +118,23 @@ def run(lab: Lab) -> dict:
             series[m][0].append(cells[m]["mean"][metric])
             series[m][1].append(cells[m]["std"][metric])
         table.append(f"| {name[n]} | " + " | ".join(fmt(cells[m], metric) for m in methods) + " |")
+    labels = [name[n] for n in levels]
+    cross = {"oppu_rag vs rag": crossover(summary, labels, metric, "oppu_rag", "rag"),
+             "oppu vs rag": crossover(summary, labels, metric, "oppu", "rag")}
+    findings, claims, auto_vs = _findings(summary, levels, name, metric, cross, thresholds)
+    png = lines(lab.out / "cold_start.png", list(range(len(levels))), series, "history items the user has",
+                axis_label(metric), f"{tid}: cold start",
+                xticklabels=labels)
+    lab.facts["auto_thresholds"] = {str(k): ["never" if t > ALL else name.get(t, t) for t in v]
+                                    for k, v in thresholds.items()}
+    return lab.finish({"levels": summary, "crossover": cross, "auto_vs": auto_vs}, findings, claims,
+                      ["\n".join(table)], [png])
 
-    def crossover(a: str, b: str):
-        """Smallest level from which `a` is at least as good as `b` at every larger level."""
-        good = [improvement(metric, summary[name[n]][a], summary[name[n]][b]) >= 0 for n in levels]
-        for i in range(len(levels)):
-            if all(good[i:]):
-                return name[levels[i]]
-        return None
 
-    cross = {"oppu_rag vs rag": crossover("oppu_rag", "rag"), "oppu vs rag": crossover("oppu", "rag")}
+def _findings(summary: dict, levels: tuple, name: dict, metric: str, cross: dict,
+              thresholds: dict) -> tuple[list, list, dict]:
+    """(findings, claims, auto_vs): where OPPU pays off, and how `auto` does against rag/oppu_rag."""
+    labels = [name[n] for n in levels]
     cold = [name[n] for n in levels if n <= 5]
     cold_rag_wins = sum(improvement(metric, summary[c]["rag"], summary[c]["oppu_rag"]) > 0 for c in cold)
     findings = ["crossover (from this history size on, OPPU is at least as good as retrieval only): "
@@ -119,16 +143,10 @@ def run(lab: Lab) -> dict:
                 "auto thresholds per seed (fold 0, fold 1; 'never' = always retrieval): " + "; ".join(
                     f"s{sd}: " + ", ".join("never" if t > ALL else name.get(t, str(t)) for t in ts)
                     for sd, ts in thresholds.items())]
-    auto_vs = {m: round(sum(improvement(metric, summary[name[n]]["auto"], summary[name[n]][m]) for n in levels)
-                        / len(levels), 4) for m in ("rag", "oppu_rag")}
+    auto_vs = {m: round(sum(improvement(metric, summary[c]["auto"], summary[c][m]) for c in labels)
+                        / len(labels), 4) for m in ("rag", "oppu_rag")}
     findings.append("auto over the levels, mean gain: " + ", ".join(f"vs {k} {v:+.3f}" for k, v in auto_vs.items()))
     claims = [("retrieval only is the better choice for cold-start users, OPPU once there is more history "
                "(Salemi & Zamani 2024)", cold_rag_wins > len(cold) / 2 and cross["oppu_rag vs rag"] not in (None, "1"),
                f"rag ahead at {cold_rag_wins}/{len(cold)} cold levels; crossover {cross['oppu_rag vs rag']}")]
-    png = lines(lab.out / "cold_start.png", list(range(len(levels))), series, "history items the user has",
-                axis_label(metric), f"{tid}: cold start",
-                xticklabels=[name[n] for n in levels])
-    lab.facts["auto_thresholds"] = {str(k): ["never" if t > ALL else name.get(t, t) for t in v]
-                                    for k, v in thresholds.items()}
-    return lab.finish({"levels": summary, "crossover": cross, "auto_vs": auto_vs}, findings, claims,
-                      ["\n".join(table)], [png])
+    return findings, claims, auto_vs

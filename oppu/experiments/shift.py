@@ -44,51 +44,67 @@ def _same_histories(a: list, b: list) -> bool:
 
 
 def run(lab: Lab) -> dict:
-    task = lab.opts.task
     if lab.opts.synth:
-        worlds = [(f"shift-{lv:.2f}", lv, lab.data_dir(task, f"shift-{lv:.2f}", shift=lv)) for lv in SYNTH_LEVELS]
-        s0 = lab.session(task, worlds[0][2])
-        groups = []  # (level label, x, world, session, users, qids)
-        for name, lv, d in worlds:
-            _, test, others = load_users(lab.config(task, d))
-            if not _same_histories(test, s0.test) or data_fingerprint(others) != data_fingerprint(s0.others):
-                raise RuntimeError(f"world {name} does not share its users' histories with {worlds[0][0]}")
-            lab.register_world(s0.task.id, name, test)
-            groups.append((f"{lv:.2f}", lv, name, s0, test, None))
-        xlabel = "shift knob (fraction of each user's queries outside the taste their history shows)"
-        mode = "synthetic shift knob"
+        s0, groups, xlabel, mode = _synth_groups(lab)
     else:
-        data = lab.data_dir(task)
-        s0 = lab.session(task, data)
-        lab.register_world(s0.task.id, "default", s0.test)
-        card = Path(data) / "world.json"
-        shifted = set(json.loads(card.read_text()).get("shifted_query_ids", [])) if card.exists() else set()
-        qs = [(u, q) for u in s0.test for q in u.queries]
-        if shifted & {q.id for _, q in qs}:
-            parts = [("unshifted", [q.id for _, q in qs if q.id not in shifted]),
-                     ("shifted", [q.id for _, q in qs if q.id in shifted])]
-            parts = [p for p in parts if p[1]]
-            xlabel, mode = "query group (world.json shifted_query_ids)", "world.json shifted_query_ids"
-        else:
-            ranked = sorted(qs, key=lambda uq: (novelty(s0.task, *uq), uq[1].id))
-            n = min(lab.opts.buckets, len(ranked))
-            parts = []
-            for i in range(n):
-                chunk = ranked[round(i * len(ranked) / n):round((i + 1) * len(ranked) / n)]
-                lo, hi = novelty(s0.task, *chunk[0]), novelty(s0.task, *chunk[-1])
-                parts.append((f"novelty {lo:.2f}-{hi:.2f}", [q.id for _, q in chunk]))
-            xlabel, mode = "query novelty bucket (share of query words absent from the history)", "query novelty"
-        groups = [(lbl, i, "default", s0, s0.test, ids) for i, (lbl, ids) in enumerate(parts)]
-
+        s0, groups, xlabel, mode = _data_groups(lab)
     # one set of user modules per seed (trained on the shared histories), every group scored with it
     worlds: dict[str, tuple] = {}
     for _, _, world, s, users, _ in groups:
         worlds.setdefault(world, (s, users))
     lab.run_groups(s0, s0.test, worlds, [(world, {"level": lbl}, users, qids)
                                          for lbl, _, world, _, users, qids in groups], METHODS, "shift")
+    return _report(lab, s0.task.id, groups, xlabel, mode)
 
+
+def _synth_groups(lab: Lab):
+    """(session, groups, xlabel, mode) over the synthetic worlds, one per SYNTH_LEVELS knob; each
+    group is (level label, x, world, session, users, qids). Refuses worlds whose histories differ."""
+    task = lab.opts.task
+    worlds = [(f"shift-{lv:.2f}", lv, lab.data_dir(task, f"shift-{lv:.2f}", shift=lv)) for lv in SYNTH_LEVELS]
+    s0 = lab.session(task, worlds[0][2])
+    groups = []
+    for name, lv, d in worlds:
+        _, test, others = load_users(lab.config(task, d))
+        if not _same_histories(test, s0.test) or data_fingerprint(others) != data_fingerprint(s0.others):
+            raise RuntimeError(f"world {name} does not share its users' histories with {worlds[0][0]}")
+        lab.register_world(s0.task.id, name, test)
+        groups.append((f"{lv:.2f}", lv, name, s0, test, None))
+    xlabel = "shift knob (fraction of each user's queries outside the taste their history shows)"
+    return s0, groups, xlabel, "synthetic shift knob"
+
+
+def _data_groups(lab: Lab):
+    """(session, groups, xlabel, mode) over one data directory: its world.json's shifted ids when
+    they name test queries, else --buckets query-novelty buckets, least novel first."""
+    task = lab.opts.task
+    data = lab.data_dir(task)
+    s0 = lab.session(task, data)
+    lab.register_world(s0.task.id, "default", s0.test)
+    card = Path(data) / "world.json"
+    shifted = set(json.loads(card.read_text()).get("shifted_query_ids", [])) if card.exists() else set()
+    qs = [(u, q) for u in s0.test for q in u.queries]
+    if shifted & {q.id for _, q in qs}:
+        parts = [("unshifted", [q.id for _, q in qs if q.id not in shifted]),
+                 ("shifted", [q.id for _, q in qs if q.id in shifted])]
+        parts = [p for p in parts if p[1]]
+        xlabel, mode = "query group (world.json shifted_query_ids)", "world.json shifted_query_ids"
+    else:
+        ranked = sorted(qs, key=lambda uq: (novelty(s0.task, *uq), uq[1].id))
+        n = min(lab.opts.buckets, len(ranked))
+        parts = []
+        for i in range(n):
+            chunk = ranked[round(i * len(ranked) / n):round((i + 1) * len(ranked) / n)]
+            lo, hi = novelty(s0.task, *chunk[0]), novelty(s0.task, *chunk[-1])
+            parts.append((f"novelty {lo:.2f}-{hi:.2f}", [q.id for _, q in chunk]))
+        xlabel, mode = "query novelty bucket (share of query words absent from the history)", "query novelty"
+    groups = [(lbl, i, "default", s0, s0.test, ids) for i, (lbl, ids) in enumerate(parts)]
+    return s0, groups, xlabel, mode
+
+
+def _report(lab: Lab, tid: str, groups: list, xlabel: str, mode: str) -> dict:
+    """Aggregate over seeds: the per-level table and plot, each method's drop, oppu_rag vs rag."""
     agg = lab.aggregate()
-    tid = s0.task.id
     metric = primary_metric(tid, lab.cell(agg, "non_personalized")["mean"])
     summary, series = {}, {m: ([], []) for m in METHODS}
     table = ["| level | questions | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 2) + "|"]
