@@ -74,12 +74,11 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
           access_log: bool = typer.Option(False, help="log every request (paths carry user ids)")):
     """Serve the personal adapter API (FastAPI; OpenAPI spec at /openapi.json). Needs the `serve` extra."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here: the serve extra may be missing)
     except ImportError:
         _fail("the server needs the serve extra: pip install -e '.[serve]'")
     import torch
 
-    from oppu.config import UserTrainConfig
     from oppu.server import ServeConfig, Service, create_app, open_base
     from oppu.store import AdapterStore
 
@@ -87,9 +86,7 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
     token = _admin_token(admin_token_file)
     if threads > 0:
         torch.set_num_threads(threads)
-    ucfg = UserTrainConfig()
-    ucfg = UserTrainConfig(**{**ucfg.__dict__, **({"epochs": user_epochs} if user_epochs is not None else {}),
-                              **({"lr": user_lr} if user_lr is not None else {})})
+    ucfg = _user_train_config(user_epochs, user_lr)
     try:
         cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=ucfg, replay=replay,
                           trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms)
@@ -100,6 +97,23 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     app = create_app(svc)
+    sock = _bind(host, port, port_file)
+    logging.getLogger("oppu.server").info("serving %s on http://%s:%d (base %s, trainer base: %s)", svc.task.id,
+                                          host, sock.getsockname()[1], info.get("path", base), svc.trainer_base)
+    _run(app, svc, sock, log_level, access_log)
+
+
+def _user_train_config(epochs: Optional[int], lr: Optional[float]):
+    """The default per-user training config with --user-epochs / --user-lr applied when given."""
+    from oppu.config import UserTrainConfig
+
+    ucfg = UserTrainConfig()
+    return UserTrainConfig(**{**ucfg.__dict__, **({"epochs": epochs} if epochs is not None else {}),
+                              **({"lr": lr} if lr is not None else {})})
+
+
+def _bind(host: str, port: int, port_file: Optional[Path]) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one); the bound port goes to port_file."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -111,12 +125,17 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(str(bound))
         tmp.replace(port_file)  # readers never see a half-written port
-    logging.getLogger("oppu.server").info("serving %s on http://%s:%d (base %s, trainer base: %s)", svc.task.id,
-                                          host, bound, info.get("path", base), svc.trainer_base)
+    return sock
+
+
+def _run(app, svc, sock: socket.socket, log_level: str, access_log: bool) -> None:
+    """uvicorn on the bound socket until it stops; then exit at once if a training thread is busy."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level.lower(), access_log=access_log,
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
-    if svc.worker.current is not None:
+    if svc.worker.current:
         # A training thread still inside torch would abort the interpreter's shutdown; leave now.
         # The store is consistent (a version is published atomically or not at all).
         logging.shutdown()
