@@ -2,7 +2,8 @@
 
 Defaults depend on the base: the paper's per-user setting (LoRA r=8 on q/v, lr ~1e-4) barely
 moves a tiny from-scratch base, so `--base tiny` gets LoRA on all linear layers at a few e-3
-(see DESIGN.md). Every choice is a field here, never a constant in the code.
+(see docs/design.md). Every choice is a field here, never a constant in the code, and every
+choice list (methods, PEFT types, retrievers, profiles, executors, trainer bases) is defined here once.
 
     cfg = RunConfig(task="LaMP_2M", data="data/LaMP_2M", out="runs/x")
     cfg = load_config("my.yaml", task="LaMP_4")     # YAML, then keyword overrides
@@ -18,12 +19,16 @@ import yaml
 TOKENS_PER_FORWARD = 1024  # batched training: padded tokens per forward; a step's rows go in length-sorted chunks
 
 METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")
+ADAPTER_METHODS = ("oppu", "oppu_rag", "oppu_pag")   # the methods that plug in each user's module
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
-# per-user training: one user at a time in this process (PEFT, the paper's way), many users per pass
-# in this process (oppu.multi), in a process pool, on a Ray cluster
-EXECUTORS = ("inline", "batched", "local", "ray")
+PROMPT_STYLES = ("compact", "full")
+# per-user training, always through oppu.engine's batched trainer: in this process, in a process
+# pool, or on a Ray cluster
+EXECUTORS = ("batched", "local", "ray")
+# the server's trainer: its own copy of the base (concurrent with serving), the serving base itself
+TRAINER_BASES = ("auto", "copy", "shared")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class UserTrainConfig:
     target_modules: str = "all-linear"   # or a comma list, e.g. "q_proj,v_proj" (the paper's)
     num_virtual_tokens: int = 8          # prompt tuning
     weight_decay: float = 0.0
+    warmup_ratio: float = 0.0            # share of each user's steps with linear warm-up (then cosine); 0 = constant
+    max_grad_norm: float = 1.0           # per-user gradient clipping
 
 
 @dataclass(frozen=True)
@@ -72,11 +79,12 @@ class RunConfig:
     infer_batch_size: int = 32
     strict: bool = True
     cache_dir: str = ""                # "" = $OPPU_CACHE or ~/.cache/oppu
-    executor: str = "inline"           # per-user training: inline | batched | local | ray (EXECUTORS)
+    executor: str = "batched"          # per-user training: batched | local | ray (EXECUTORS)
     workers: int = 2                   # processes / Ray tasks for executor local|ray
     ray_address: str = ""              # "" = a private local Ray; else e.g. "ray://head:10001"
     max_users_per_batch: int = 16      # users trained together by the batched trainer (batched|local|ray)
     tokens_per_forward: int = TOKENS_PER_FORWARD  # batched trainer: padded tokens per forward chunk
+    users_per_generate: int = 32       # inference: users whose adapters are loaded at once (bounds memory)
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
 
@@ -86,13 +94,15 @@ class RunConfig:
             raise ValueError(f"unknown method(s) {bad or self.methods!r}; valid: {', '.join(METHODS)}")
         for name, val, valid in (("peft", self.peft, PEFT_TYPES), ("retriever", self.retriever, RETRIEVERS),
                                  ("profile", self.profile, PROFILES),
-                                 ("prompt_style", self.prompt_style, ("compact", "full")),
+                                 ("prompt_style", self.prompt_style, PROMPT_STYLES),
                                  ("executor", self.executor, EXECUTORS)):
             if val not in valid:
                 raise ValueError(f"unknown {name} {val!r}; valid: {', '.join(valid)}")
-        if self.workers < 1 or self.max_users_per_batch < 1 or self.tokens_per_forward < 1:
-            raise ValueError(f"workers, max_users_per_batch and tokens_per_forward must be >= 1 (got {self.workers}, "
-                             f"{self.max_users_per_batch}, {self.tokens_per_forward})")
+        counts = {"workers": self.workers, "max_users_per_batch": self.max_users_per_batch,
+                  "tokens_per_forward": self.tokens_per_forward, "users_per_generate": self.users_per_generate}
+        bad_counts = {k: v for k, v in counts.items() if v < 1}
+        if bad_counts:
+            raise ValueError(f"these must be >= 1: {bad_counts}")
         if self.k < 0 or self.test_users < 1:
             raise ValueError(f"k must be >= 0 and test_users >= 1 (got k={self.k}, test_users={self.test_users})")
 

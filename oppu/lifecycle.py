@@ -1,39 +1,29 @@
-"""A user's adapter over time: add history, train, update incrementally, roll back, generate,
-export/import (encrypted), delete. One `Personalizer` serves the CLI and the server.
+"""A user's adapter over time in the store: add history, train, update incrementally, roll back,
+answer, export/import (encrypted), delete. The store-backed half of `oppu.personalizer.Personalizer`
+(a mixin: it uses the Personalizer's model, engine and settings; see that module for the API).
 
-    store = AdapterStore("var/oppu")
-    p = Personalizer(store, model, tok, "LaMP_2M", UserTrainConfig(), peft="lora", seed=0, k=2)
-    uid = store.new_user()
-    p.add_history(uid, "LaMP_2M", items)     # validated against the task's item fields
-    p.train(uid)                              # v1: a fresh module on the whole history
-    p.add_history(uid, "LaMP_2M", more)
-    p.update(uid, replay=0.5)                 # v2 (parent v1): new items + a seeded replay sample
-    p.generate(uid, [query]).adapter_version  # 2; a corrupt v2 file -> serves v1, says so
-    p.rollback(uid, 1)
-    blob = p.export_user(uid, "passphrase"); p.import_user(blob, "passphrase", user_id="copy")
-    p.delete_user(uid)                        # rows, files, caches; db and WAL scrubbed
-
-The base model is shared and every adapter is plugged into it in place, so model work (train,
-update, generate, import check) is serialised by one lock; store-only calls never take it.
+Training jobs of many users run as one batched pass of the engine's trainer (`run_jobs`): first
+adapters start from the seeded PEFT state, incremental updates from the active version's tensors
+(new items plus a seeded replay sample of older ones). Answers go through the serving slots, so
+one decode serves many users' requests (`answer_rows`).
 """
 from __future__ import annotations
 
 import json
-import random
-import threading
-from contextlib import contextmanager
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from oppu import crypto
-from oppu.config import PEFT_TYPES, UserTrainConfig
-from oppu.data.lamp import ITEM_FIELDS
-from oppu.data.users import Query, User
-from oppu.examples import history_examples, query_prompt
-from oppu.store import AdapterStore, HistoryError, HistoryItem, JobError, NoAdapter, Version, validate_user_id
+from oppu.config import PEFT_TYPES
+from oppu.data.users import Query
+from oppu.history import as_user, replay_sample, validate_items
+from oppu.store import HistoryError, Job, JobError, NoAdapter, Version, validate_user_id
 from oppu.store.bundle import BundleError, pack, unpack
-from oppu.tasks import Task, get_task
+from oppu.tasks import get_task
+
+log = logging.getLogger("oppu")
 
 
 @dataclass(frozen=True)
@@ -59,102 +49,26 @@ class Generation:
         return bool(self.skipped)
 
 
-def strip_adapter_layers(base) -> int:
-    """Put back the original modules wherever a failed PEFT load left adapter layers behind."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    n = 0
-    for module in list(base.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                setattr(module, name, child.get_base_layer())
-                n += 1
-    if hasattr(base, "peft_config"):  # set by injection; a clean unload deletes it too
-        del base.peft_config
-    return n
-
-
-@contextmanager
-def plugged(base, path: str | Path, trainable: bool = False):
-    """The base with the adapter at `path` plugged in (a PeftModel); the base is clean again on
-    exit, and also when loading fails half-way (e.g. an adapter made for another base)."""
-    from peft import PeftModel
-
-    from oppu.adapters import detach
-
-    try:
-        pm = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
-    except Exception:
-        strip_adapter_layers(base)
-        raise
-    if not trainable:
-        pm.eval()
-    try:
-        yield pm
-    finally:
-        detach(pm)
+@dataclass
+class _Plan:
+    """One job's training data, decided before the batched pass."""
+    job_id: str
+    user_id: str
+    kind: str
+    examples: list
+    history_seq: int
+    meta: dict[str, Any]
+    parent: int | None = None
+    start: tuple | None = None
+    order_seed: int | None = None
 
 
-def validate_items(task: Task, items: Any) -> list[dict[str, Any]]:
-    """The items with string ids, or HistoryError naming the item (index and id) and the field."""
-    if not isinstance(items, (list, tuple)):
-        raise HistoryError(f"history items must be a list of objects, got {type(items).__name__}")
-    fields = ITEM_FIELDS.get(task.id, task.item_fields)
-    out, seen = [], set()
-    for i, it in enumerate(items):
-        where = f"history item #{i}"
-        if not isinstance(it, dict):
-            raise HistoryError(f"{where}: expected an object, got {type(it).__name__}")
-        iid = it.get("id")
-        if iid is None or isinstance(iid, bool) or not isinstance(iid, (str, int)) or str(iid) == "":
-            raise HistoryError(f"{where}: field 'id' must be a non-empty string, got {iid!r}")
-        where = f"{where} (id={str(iid)!r})"
-        for f in fields:
-            if f not in it:
-                raise HistoryError(f"{where}: missing field {f!r} (task {task.id} items need {', '.join(fields)})")
-            v = it[f]
-            if f == "score":
-                if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-                    raise HistoryError(f"{where}: field 'score' must be a number or string, got {type(v).__name__}")
-            elif not isinstance(v, str):
-                raise HistoryError(f"{where}: field {f!r} must be a string, got {type(v).__name__}")
-        if str(iid) in seen:
-            raise HistoryError(f"{where}: duplicate item id {str(iid)!r} in this batch")
-        seen.add(str(iid))
-        out.append({**it, "id": str(iid)})
-    return out
+def _meta(exs, mode: str) -> dict[str, Any]:
+    return {"mode": mode, "examples": len(exs), "sources": list(dict.fromkeys(e.source for e in exs))}
 
 
-def replay_sample(old: Sequence[HistoryItem], fraction: float, seed: int) -> list[HistoryItem]:
-    """round(fraction * len(old)) old items (at least 1 when fraction > 0 and any exist), seeded,
-    in history order."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"replay must be in [0, 1], got {fraction!r}")
-    if not old or fraction == 0.0:
-        return []
-    n = max(1, round(fraction * len(old)))
-    return sorted(random.Random(seed).sample(list(old), n), key=lambda h: h.seq)
-
-
-class Personalizer:
-    def __init__(self, store: AdapterStore, model, tok, task: str | Task, ucfg: UserTrainConfig = UserTrainConfig(),
-                 peft: str = "lora", seed: int = 0, k: int = 2, retriever: str = "bm25", max_len: int = 384,
-                 style: str = "compact", batch_size: int = 32):
-        from oppu.adapters import peft_config
-
-        if peft not in PEFT_TYPES:
-            raise ValueError(f"unknown PEFT type {peft!r}; valid: {', '.join(PEFT_TYPES)}")
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        self.store, self.model, self.tok = store, model, tok
-        self.task = get_task(task) if isinstance(task, str) else task
-        self.ucfg, self.peft, self.seed, self.k = ucfg, peft, seed, k
-        self.retriever, self.max_len, self.style, self.batch_size = retriever, max_len, style, batch_size
-        self.pcfg = peft_config(peft, ucfg)
-        # Adapters train on the prompt shapes they will serve: plain, plus RAG when k > 0.
-        self.variants = ("plain", "rag") if k > 0 else ("plain",)
-        self.model_lock = threading.RLock()
-        self._rag: dict[str, tuple[int, dict]] = {}  # user -> (last history seq, query_prompt cache)
+class Lifecycle:
+    """Store-backed operations of Personalizer (needs self.store)."""
 
     # -- history -------------------------------------------------------------------------------
     def add_history(self, user_id: str, task: str, items: Sequence[dict[str, Any]]) -> list[int]:
@@ -163,118 +77,123 @@ class Personalizer:
             raise HistoryError(f"this personalizer serves task {self.task.id!r}, not {t.id!r}")
         return self.store.add_history(user_id, t.id, validate_items(t, items))
 
-    def _history(self, user_id: str) -> list[HistoryItem]:
+    def history(self, user_id: str):
         task = self.store.user(user_id).task
         if task not in (None, self.task.id):
             raise HistoryError(f"user {user_id!r} belongs to task {task!r}; this personalizer serves {self.task.id!r}")
         return self.store.history(user_id)
 
-    @staticmethod
-    def _as_user(user_id: str, hist: Sequence[HistoryItem]) -> User:
-        items = [h.item for h in hist]
-        return User(user_id, items, [], {it["id"]: it for it in items})
-
     # -- training ------------------------------------------------------------------------------
-    @contextmanager
-    def _job(self, user_id: str, kind: str, job_id: str | None) -> Iterator[str]:
-        jobs = self.store.jobs
-        if job_id is None:
-            job_id = jobs.create(user_id, kind, status="running").job_id
-        else:
-            job = jobs.get(job_id)
-            if job.user_id != user_id:
-                raise JobError(f"job {job_id!r} belongs to another user, not {user_id!r}")
-            jobs.set(job_id, "running")
-        try:
-            yield job_id
-        except BaseException as e:
-            try:
-                jobs.set(job_id, "failed", error=f"{type(e).__name__}: {e}")
-            except JobError:
-                pass  # the job went with its user (deleted meanwhile)
-            raise
-        try:
-            jobs.set(job_id, "done")
-        except JobError:
-            pass
-
     def train(self, user_id: str, job_id: str | None = None, note: str = "") -> TrainResult:
         """A fresh adapter on the whole history -> a new active version (no parent)."""
-        from oppu.adapters import train_user
-
-        validate_user_id(user_id)
-        with self._job(user_id, "train", job_id) as jid:
-            hist = self._history(user_id)
-            exs = history_examples(self.task, self._as_user(user_id, hist), self.variants, self.k,
-                                   self.retriever, None, self.style)
-            if not exs:
-                raise HistoryError(f"user {user_id!r} has no usable history item to train an adapter on")
-
-            def write(d: Path) -> dict[str, Any]:
-                losses = train_user(self.model, self.tok, exs, self.pcfg, self.ucfg, self.seed, user_id, d,
-                                    self.max_len)
-                return {"losses": losses}
-
-            with self.model_lock:
-                v = self.store.put_version(user_id, write, task=self.task.id, peft_type=self.peft,
-                                           history_seq=hist[-1].seq, note=note or "train",
-                                           meta=self._meta(exs, "train"))
-        return self._result(v, jid)
+        return self._one_job(user_id, "train", job_id, note)
 
     def update(self, user_id: str, replay: float = 0.5, job_id: str | None = None, note: str = "") -> TrainResult:
         """Continue the active adapter on the items added since it was trained plus a seeded
         replay sample of older items -> a new active version whose parent is the old one."""
-        from oppu.adapters import user_seed
-        from oppu.train import encode, train_loop
+        return self._one_job(user_id, "update", job_id, note, replay)
 
+    def _one_job(self, user_id: str, kind: str, job_id: str | None, note: str, replay: float = 0.5) -> TrainResult:
         validate_user_id(user_id)
-        with self._job(user_id, "update", job_id) as jid:
-            hist = self._history(user_id)
-            active = self.store.active_version(user_id)
-            if active is None:
-                raise NoAdapter(f"user {user_id!r} has no adapter to update; train one first")
-            parent = self.store.version(user_id, active)
-            if parent.peft_type != self.peft:
-                raise ValueError(f"user {user_id!r} v{active} is {parent.peft_type}; "
-                                 f"this personalizer trains {self.peft}")
-            path = self.store.verify(user_id, active)  # never continue from a corrupt file
-            new = [h for h in hist if h.seq > parent.history_seq]
-            if not new:
-                raise HistoryError(f"user {user_id!r}: no history added since v{active}; nothing to update")
-            old = [h for h in hist if h.seq <= parent.history_seq]
-            tag = f"{user_id}:v{active}:{hist[-1].seq}"
-            replayed = replay_sample(old, replay, user_seed(self.seed, "replay:" + tag))
-            chosen = {f"item:{h.item_id}" for h in new + replayed}
-            # RAG contexts come from the whole history (item i sees items before it), so build all, keep some.
-            exs = [e for e in history_examples(self.task, self._as_user(user_id, hist), self.variants, self.k,
-                                               self.retriever, None, self.style) if e.source in chosen]
+        if job_id is None:
+            job = self.store.jobs.create(user_id, kind, status="queued")
+        else:
+            job = self.store.jobs.get(job_id)
+            if job.user_id != user_id:
+                raise JobError(f"job {job_id!r} belongs to another user, not {user_id!r}")
+        out = self.run_jobs([job], replay, {job.job_id: note} if note else None)[job.job_id]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def run_jobs(self, jobs: Sequence[Job], replay: float = 0.5,
+                 notes: dict[str, str] | None = None) -> dict[str, TrainResult | BaseException]:
+        """Run train/update jobs of different users in one batched pass; each job is marked
+        running, then done (its version published) or failed (the error kept). {job_id: result}."""
+        results: dict[str, TrainResult | BaseException] = {}
+        plans: dict[str, _Plan] = {}
+        for job in jobs:
+            try:
+                if job.user_id in plans:
+                    raise JobError(f"user {job.user_id!r} already has job {plans[job.user_id].job_id!r} in this pass")
+                self.store.jobs.set(job.job_id, "running")
+                plans[job.user_id] = self._plan(job, replay)
+            except BaseException as e:
+                results[job.job_id] = self._failed(job.job_id, e)
+        if not plans:
+            return results
+        notes = notes or {}
+
+        def publish(uid, losses, config, state):
+            from oppu.engine import write_adapter
+
+            pl = plans[uid]
+            try:
+                v = self.store.put_version(
+                    uid, lambda d: (write_adapter(d, config, state), {"losses": losses})[1], task=self.task.id,
+                    peft_type=self.peft, parent_version=pl.parent, history_seq=pl.history_seq,
+                    note=notes.get(pl.job_id) or pl.meta["note"], meta={k: v for k, v in pl.meta.items() if k != "note"})
+                self.store.jobs.set(pl.job_id, "done")
+                results[pl.job_id] = TrainResult(v.user_id, v.version, v.parent_version, pl.job_id,
+                                                 v.meta.get("losses", []), tuple(v.meta.get("sources", [])),
+                                                 v.history_seq)
+            except BaseException as e:  # e.g. the user was deleted meanwhile
+                results[pl.job_id] = self._failed(pl.job_id, e)
+
+        try:
+            self.train_modules({u: pl.examples for u, pl in plans.items()}, publish,
+                               start={u: pl.start for u, pl in plans.items() if pl.start is not None},
+                               order_seeds={u: pl.order_seed for u, pl in plans.items() if pl.order_seed is not None})
+        except BaseException as e:
+            for pl in plans.values():
+                if pl.job_id not in results:
+                    results[pl.job_id] = self._failed(pl.job_id, e)
+            if not isinstance(e, Exception):
+                raise
+        return results
+
+    def _failed(self, job_id: str, e: BaseException) -> BaseException:
+        try:
+            self.store.jobs.set(job_id, "failed", error=f"{type(e).__name__}: {e}")
+        except JobError:
+            pass  # the job went with its user (deleted meanwhile)
+        return e
+
+    def _plan(self, job: Job, replay: float) -> _Plan:
+        uid = job.user_id
+        hist = self.history(uid)
+        exs = self.examples(as_user(uid, hist))
+        if job.kind == "train":
             if not exs:
-                raise HistoryError(f"user {user_id!r}: the items added since v{active} give no training example")
+                raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
+            return _Plan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
+        return self._update_plan(job, hist, exs, replay)
 
-            def write(d: Path) -> dict[str, Any]:
-                with plugged(self.model, path, trainable=True) as pm:
-                    losses = train_loop(pm, pm.parameters(), encode(self.tok, exs, self.max_len), self.ucfg.epochs,
-                                        self.ucfg.lr, self.ucfg.batch_size, user_seed(self.seed, tag),
-                                        self.tok.pad_token_id, weight_decay=self.ucfg.weight_decay)
-                    pm.save_pretrained(str(d))
-                return {"losses": losses}
+    def _update_plan(self, job: Job, hist, exs, replay: float) -> _Plan:
+        from oppu.engine import read_adapter, user_seed
 
-            with self.model_lock:
-                v = self.store.put_version(user_id, write, task=self.task.id, peft_type=self.peft,
-                                           parent_version=active, history_seq=hist[-1].seq,
-                                           note=note or f"update of v{active} (replay {replay})",
-                                           meta={**self._meta(exs, "update"), "replay": replay,
-                                                 "new_items": len(new)})
-        return self._result(v, jid)
-
-    @staticmethod
-    def _meta(exs, mode: str) -> dict[str, Any]:
-        return {"mode": mode, "examples": len(exs), "sources": list(dict.fromkeys(e.source for e in exs))}
-
-    @staticmethod
-    def _result(v: Version, job_id: str) -> TrainResult:
-        return TrainResult(v.user_id, v.version, v.parent_version, job_id, v.meta.get("losses", []),
-                           tuple(v.meta.get("sources", [])), v.history_seq)
+        uid = job.user_id
+        active = self.store.active_version(uid)
+        if active is None:
+            raise NoAdapter(f"user {uid!r} has no adapter to update; train one first")
+        parent = self.store.version(uid, active)
+        if parent.peft_type != self.peft:
+            raise ValueError(f"user {uid!r} v{active} is {parent.peft_type}; this personalizer trains {self.peft}")
+        path = self.store.verify(uid, active)  # never continue from a corrupt file
+        new = [h for h in hist if h.seq > parent.history_seq]
+        if not new:
+            raise HistoryError(f"user {uid!r}: no history added since v{active}; nothing to update")
+        old = [h for h in hist if h.seq <= parent.history_seq]
+        tag = f"{uid}:v{active}:{hist[-1].seq}"
+        chosen = {f"item:{h.item_id}" for h in new + replay_sample(old, replay, user_seed(self.seed, "replay:" + tag))}
+        # RAG contexts come from the whole history (item i sees items before it), so build all, keep some.
+        exs = [e for e in exs if e.source in chosen]
+        if not exs:
+            raise HistoryError(f"user {uid!r}: the items added since v{active} give no training example")
+        meta = {**_meta(exs, "update"), "replay": replay, "new_items": len(new),
+                "note": f"update of v{active} (replay {replay})"}
+        return _Plan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
+                     order_seed=user_seed(self.seed, tag))
 
     def rollback(self, user_id: str, version: int) -> Version:
         """Make an older (or any existing) version active again, after checking its files."""
@@ -285,42 +204,90 @@ class Personalizer:
     def versions(self, user_id: str) -> list[Version]:
         return self.store.versions(user_id)
 
-    # -- inference -----------------------------------------------------------------------------
-    def _prompt_cache(self, user_id: str, hist: Sequence[HistoryItem]) -> dict:
-        last = hist[-1].seq if hist else 0
-        got = self._rag.get(user_id)
-        if got is None or got[0] != last:  # the retrieval index follows the history
-            got = (last, {})
-            self._rag[user_id] = got
-        return got[1]
-
-    def generate(self, user_id: str, inputs: Sequence[str], k: int | None = None) -> Generation:
-        """Answer LaMP-style inputs with the user's active adapter (verified; a corrupt one falls
-        back to the previous good version), retrieving k history items into each prompt."""
-        from oppu.engine import generate
-
+    # -- answers -------------------------------------------------------------------------------
+    def user_prompt(self, user_id: str, text: str, k: int | None = None) -> str:
+        """The prompt for one input of this user: the task template, k items retrieved from the history."""
         k = self.k if k is None else k
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        hist = self.history(user_id)
+        last = hist[-1].seq if hist else 0
+        got = self._prompt_caches.get(user_id)
+        if got is None or got[0] != last:  # the retrieval index follows the history
+            got = self._prompt_caches[user_id] = (last, {})
+        while len(self._prompt_caches) > 1024:
+            self._prompt_caches.pop(next(iter(self._prompt_caches)))
+        q = Query("q0", text, None, tuple(h.item_id for h in hist))
+        return self.prompt(as_user(user_id, hist), q, "rag" if k > 0 else "plain", k, got[1])
+
+    def answer_rows(self, rows: Sequence[tuple[str, str]]) -> list[tuple[str, int] | BaseException]:
+        """(text, version) for each (user, prompt) row, one mixed-adapter decode for all; a row whose
+        user has no servable adapter gets its exception, the others their answers."""
+        from oppu.engine import generate
+
+        out: list[Any] = [None] * len(rows)
+        with self.lock:
+            versions: dict[str, int] = {}
+            for uid in dict.fromkeys(u for u, _ in rows):
+                try:
+                    versions[uid] = self._ensure_loaded(uid)
+                except Exception as e:
+                    for i, (u, _) in enumerate(rows):
+                        if u == uid:
+                            out[i] = e
+            live = [i for i, (u, _) in enumerate(rows) if u in versions]
+            texts = generate(self.model, self.tok, [rows[i][1] for i in live], self.task.max_new_tokens,
+                             users=[rows[i][0] for i in live], mm=self.slots.mm, batch_size=self.batch_size,
+                             max_prompt_tokens=self.max_len) if live else []
+        for i, t in zip(live, texts):
+            out[i] = (t, versions[rows[i][0]])
+        return out
+
+    def _ensure_loaded(self, uid: str) -> int:
+        """The version serving `uid` (verified; a corrupt newest one falls back), loaded in the slots."""
+        from oppu.store import UnknownUser
+
+        try:
+            active = self.store.active_version(uid)
+        except UnknownUser:
+            self.slots.drop(uid)  # deleted: forget the weights too
+            raise
+        key = self.slots.key(uid)
+        if key is not None and key[0] == active:
+            self.slots.ensure(uid, key, None)
+            return key[1]
+        served = self.store.resolve_active(uid)  # checksums; NoAdapter when there is none
+        self.slots.ensure(uid, (active, served.version.version), served.path)
+        self._skips[uid] = [str(e) for e in served.skipped]
+        if served.skipped:
+            log.warning("user %s: serving v%d; newer version(s) refused: %s", uid, served.version.version,
+                        "; ".join(self._skips[uid]))
+        return served.version.version
+
+    def answer(self, user_id: str, inputs: Sequence[str], k: int | None = None) -> Generation:
+        """Answer LaMP-style inputs with the user's active adapter (verified; a corrupt one falls
+        back to the previous good version), retrieving k history items into each prompt."""
         if isinstance(inputs, str) or not all(isinstance(x, str) for x in inputs):
             raise ValueError("inputs must be a list of strings")
-        hist = self._history(user_id)
-        user = self._as_user(user_id, hist)
-        visible = tuple(h.item_id for h in hist)
-        cache = self._prompt_cache(user_id, hist)
-        prompts = [query_prompt(self.task, user, Query(f"q{i}", x, None, visible), "rag" if k > 0 else "plain", k,
-                                self.retriever, None, self.style, cache) for i, x in enumerate(inputs)]
-        with self.model_lock:
-            served = self.store.resolve_active(user_id)
-            with plugged(self.model, served.path) as pm:
-                outs = generate(pm, self.tok, prompts, self.task.max_new_tokens, self.batch_size, self.max_len)
-        return Generation(outs, [self.task.parse(o) for o in outs], served.version.version,
-                          [str(e) for e in served.skipped])
+        prompts = [self.user_prompt(user_id, x, k) for x in inputs]
+        with self.lock:
+            self.slots.drop(user_id)  # load afresh so the fallback facts below are this call's
+            got = self.answer_rows([(user_id, p) for p in prompts])
+            skipped = list(self._skips.get(user_id, []))
+        errors = [g for g in got if isinstance(g, BaseException)]
+        if errors:
+            raise errors[0]
+        version = got[0][1] if got else self.store.resolve_active(user_id).version.version
+        outs = [t for t, _ in got]
+        return Generation(outs, [self.task.parse(o) for o in outs], version, skipped)
 
     # -- privacy -------------------------------------------------------------------------------
     def delete_user(self, user_id: str) -> dict[str, Any]:
-        """Everything of the user: history, versions and files, jobs, tokens, caches."""
-        self._rag.pop(user_id, None)
+        """Everything of the user: history, versions and files, jobs, tokens, loaded weights, caches."""
+        self._prompt_caches.pop(user_id, None)
+        self._skips.pop(user_id, None)
+        with self.lock:
+            self.slots.drop(user_id)
         return self.store.delete_user(user_id)
 
     def export_user(self, user_id: str, passphrase: str, include_history: bool = True) -> bytes:
@@ -336,8 +303,8 @@ class Personalizer:
 
     def import_user(self, blob: bytes, passphrase: str, user_id: str | None = None) -> Version:
         """A new user (the exported id, or `user_id`) with the export's adapter as v1 and its
-        history. Every check (passphrase, integrity, task, items, loading onto this base) runs
-        before anything is written; a failure leaves the store unchanged."""
+        history. Every check (passphrase, integrity, task, items, loading onto this base through
+        the engine) runs before anything is written; a failure leaves the store unchanged."""
         b = unpack(crypto.decrypt(blob, passphrase))
         if get_task(b.task).id != self.task.id:
             raise BundleError(f"the export is for task {b.task!r}; this personalizer serves {self.task.id!r}")
@@ -356,7 +323,7 @@ class Personalizer:
                                       check=lambda d: self._check_loads(d, b.adapter["peft_type"]))
 
     def _check_loads(self, d: Path, expected: str) -> None:
-        """The files must load onto this base (right shapes, valid config) before they are kept."""
+        """The files must be an adapter the engine runs on this base before they are kept."""
         try:
             cfg = json.loads((d / "adapter_config.json").read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -364,9 +331,8 @@ class Personalizer:
         if not isinstance(cfg, dict) or str(cfg.get("peft_type") or "").lower() != expected.lower():
             raise BundleError(f"the export's adapter_config.json says peft_type {cfg.get('peft_type')!r}, "
                               f"its metadata says {expected!r}")
-        with self.model_lock:
+        with self.lock:
             try:
-                with plugged(self.model, d):
-                    pass
+                self.slots.check(d)
             except Exception as e:
-                raise BundleError(f"the export's adapter does not load onto this base: {type(e).__name__}: {e}") from e
+                raise BundleError(f"the export's adapter cannot be served on this base: {type(e).__name__}: {e}") from e

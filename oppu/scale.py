@@ -1,9 +1,9 @@
-"""Train many users' PEFT modules across processes (or a Ray cluster): executors over oppu.multi.
+"""Train many users' PEFT modules across processes (or a Ray cluster): executors over oppu.engine.
 
 Users are cut into batches of at most `max_users_per_batch` (most examples first, so a batch holds
 users of similar length who finish together); each batch is one task. A task loads the base from
 `base_dir` with `oppu.model.base.load_base` (once per worker process, then reused), runs
-`oppu.multi.train_users` on its users and writes their adapters to out_dir/<safe_user_dir(uid)>/,
+`oppu.engine.train_users` on its users and writes their adapters to out_dir/<safe_user_dir(uid)>/,
 so every adapter ends in one directory whichever worker trained it. Tasks go to:
 
   executor="local"  a process pool (spawn context) of `workers` processes on this machine;
@@ -14,7 +14,7 @@ so every adapter ends in one directory whichever worker trained it. Tasks go to:
                     joins that cluster, whose nodes must have oppu installed and see base_dir/out_dir.
 
 Results: each user's module equals single-process `train_users` on the same users to float
-tolerance (batched training is per-user exact, see oppu.multi.train); when the single-process
+tolerance (batched training is per-user exact, see oppu.engine.train); when the single-process
 run forms the same batches (e.g. users with equal example counts, in order), bit for bit.
 
     from oppu.scale import train_sharded
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from oppu.config import TOKENS_PER_FORWARD
+from oppu.config import EXECUTORS, TOKENS_PER_FORWARD
 
-EXECUTORS = ("local", "ray")
+POOLS = tuple(e for e in EXECUTORS if e != "batched")  # the executors that leave this process
 _BASES: dict[tuple, tuple[Any, Any]] = {}  # per worker process: (base_dir, tok_dir, dtype, device) -> (model, tok)
 
 
@@ -68,36 +68,24 @@ def plan_shards(users_examples: Mapping[str, Sequence], max_users_per_batch: int
 
 
 def load_worker_base(base_dir: str, tok_dir: str | None, dtype: str, device: str):
-    """(model, tok) for this process, loaded once: the model from base_dir, the tokenizer from tok_dir
-    (default base_dir), as `oppu.model.base.load_base` does."""
+    """(model, tok) for this process, loaded once through oppu.model.base (the one loader): the
+    model from base_dir, the tokenizer from tok_dir (default base_dir)."""
     key = (base_dir, tok_dir, dtype, device)
     if key not in _BASES:
-        from oppu.model.base import load_base
+        from oppu.model.base import load_base, load_tokenizer
 
         model, tok = load_base(base_dir, dtype, device)
         if tok_dir is not None and Path(tok_dir).resolve() != Path(base_dir).resolve():
             tok = load_tokenizer(tok_dir)
-        model.name_or_path = str(base_dir)  # adapters record where their base lives
         _BASES[key] = (model, tok)
     return _BASES[key]
-
-
-def load_tokenizer(tok_dir: str):
-    """The tokenizer alone, set up as load_base sets it (left padding, a pad token)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def train_shard(job: ShardJob) -> dict[str, list[float]]:
     """Run in a worker: train one batch of users, save their adapters; {uid: per-epoch losses}."""
     import torch
 
-    from oppu.multi import train_users
+    from oppu.engine import train_users
 
     if job.threads > 0:
         torch.set_num_threads(job.threads)
@@ -116,8 +104,9 @@ def train_sharded(base_dir: str | Path, tok_dir: str | Path | None, users_exampl
 
     Returns {uid: per-epoch mean loss}. threads_per_worker: torch threads in each worker (default:
     the CPU count split evenly among the workers, at least 1)."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    if executor not in POOLS:
+        raise ValueError(f"unknown executor {executor!r}; valid here: {', '.join(POOLS)} ('batched' trains in this "
+                         "process: oppu.engine.train_users)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if ray_address is not None and executor != "ray":

@@ -14,24 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from oppu.adapters import safe_user_dir
-from oppu.config import RunConfig, UserTrainConfig
+from oppu.config import ADAPTER_METHODS, RunConfig, UserTrainConfig
 from oppu.data.lamp import TASK_IDS
 from oppu.data.users import User, load_lamp_dir
-from oppu.examples import METHOD_VARIANT, Example, history_examples, query_prompt, variants_for
+from oppu.examples import METHOD_VARIANT, Example, variants_for
 from oppu.metrics import score
+from oppu.personalizer import Personalizer
+from oppu.progress import NoProgress
+from oppu.store.files import safe_user_dir
 from oppu.tasks import get_task
 
-ADAPTER_METHODS = ("oppu", "oppu_rag", "oppu_pag")
 ExamplesFn = Callable[[User], list[Example]]
-
-
-class NoProgress:
-    def add_task(self, description: str, total: float | None = None, **kw: Any) -> int:
-        return 0
-
-    def advance(self, task_id: int, advance: float = 1) -> None:
-        pass
 
 
 def load_users(cfg: RunConfig, log: Callable[[str], None] = lambda s: None, select: str = "longest"):
@@ -55,7 +48,6 @@ class Session:
 
     def __init__(self, cfg: RunConfig, test: list[User], others: list[User], data_root: str = "",
                  skipped: int = 0, progress=None, log: Callable[[str], None] = lambda s: None):
-        from oppu.engine import generate
         from oppu.profile import make_profile_fn, resolve_kind
 
         self.cfg, self.test, self.others, self.data_root, self.skipped = cfg, test, others, data_root, skipped
@@ -64,13 +56,19 @@ class Session:
         self.profile_kind = resolve_kind(cfg.profile, cfg.is_tiny)
         self._writer: dict[str, Any] = {}
         needs_profile = any(METHOD_VARIANT[m] == "pag" for m in cfg.methods)
-        self.profile_fn = make_profile_fn(self.task, self.profile_kind, generate=lambda ps: generate(
-            self._writer["model"], self._writer["tok"], ps, 96, cfg.infer_batch_size, cfg.max_prompt_tokens)) \
+        self.profile_fn = make_profile_fn(self.task, self.profile_kind, generate=self._write_profiles) \
             if needs_profile else None
         if self.profile_kind == "llm" and needs_profile and cfg.is_tiny:
             log("profile: llm profiles on the tiny base are written by a model that cannot write; expect noise")
-        self.model = self.tok = None
+        self.model = self.tok = self.p = None
         self.base_info: dict[str, Any] = {}
+
+    def _write_profiles(self, prompts: Sequence[str]) -> list[str]:
+        from oppu.engine import generate
+
+        c = self.cfg
+        return generate(self._writer["model"], self._writer["tok"], prompts, 96, batch_size=c.infer_batch_size,
+                        max_prompt_tokens=c.max_prompt_tokens)
 
     @classmethod
     def open(cls, cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: None,
@@ -88,116 +86,91 @@ class Session:
         """Load (or build and cache) the task-adapted base. LLM profiles are written by the base
         itself (one copy in memory): before task adaptation for the other users' training prompts,
         after it for the test users."""
-        from oppu.pipeline import prepare_base
+        from oppu.model.prepare import prepare_base
 
         def use_as_writer(m, t):
             self._writer["model"], self._writer["tok"] = m, t
 
-        self.model, self.tok, self.base_info = prepare_base(self.cfg, self.task, self.others, self.test, self.profile_fn,
+        c = self.cfg
+        self.model, self.tok, self.base_info = prepare_base(c, self.task, self.others, self.test, self.profile_fn,
                                                             self.log, self.progress, use_as_writer)
         use_as_writer(self.model, self.tok)
+        self.p = Personalizer(self.model, self.tok, self.task, c.user_train, c.peft, c.seed, c.k, c.retriever,
+                              c.max_prompt_tokens, c.prompt_style, c.infer_batch_size, profile_fn=self.profile_fn,
+                              max_users_per_batch=c.max_users_per_batch, tokens_per_forward=c.tokens_per_forward)
         return self
 
     # -- one PEFT per user -------------------------------------------------------------------
     def examples(self, user: User, variants: Sequence[str], k: int | None = None) -> list[Example]:
-        c = self.cfg
-        return history_examples(self.task, user, variants, c.k if k is None else k, c.retriever, self.profile_fn,
-                                c.prompt_style)
+        return self.p.examples(user, variants, k)
 
     def train(self, users: Sequence[User], adapters_dir: str | Path, methods: Sequence[str] | None = None, *,
               peft: str | None = None, user_train: UserTrainConfig | None = None, seed: int | None = None,
               k: int | None = None, examples_fn: ExamplesFn | None = None, label: str = "") -> dict[str, Any]:
-        """Train one module per user into adapters_dir/<user>/; returns per-user facts (examples,
-        history, losses, seconds, dir). `examples_fn(user)` replaces the history examples."""
-        from oppu.adapters import peft_config, train_user
-
+        """Train one module per user into adapters_dir/<user>/ (the engine's batched trainer, here or
+        on the configured executor); returns per-user facts (examples, history, losses, seconds per
+        user of the shared wall time, dir). `examples_fn(user)` replaces the history examples."""
         c = self.cfg
         peft, ucfg = peft or c.peft, user_train or c.user_train
         seed = c.seed if seed is None else seed
         variants = variants_for([m for m in (methods or c.methods) if m in ADAPTER_METHODS] or ["oppu"])
-        adapters_dir = Path(adapters_dir)
         exs_by_user = {}
         for u in users:
             exs = examples_fn(u) if examples_fn else self.examples(u, variants, k)
             if not exs:
                 raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
             exs_by_user[u.user_id] = exs
-        pcfg = peft_config(peft, ucfg)
         pt = self.progress.add_task(label or f"per-user {peft}", total=len(users))
-        info: dict[str, Any] = {}
-        if c.executor == "inline":
-            for u in users:
-                t0 = time.perf_counter()
-                losses = train_user(self.model, self.tok, exs_by_user[u.user_id], pcfg, ucfg, seed, u.user_id,
-                                    adapters_dir / safe_user_dir(u.user_id), c.max_prompt_tokens)
-                info[u.user_id] = {"losses": losses, "seconds": round(time.perf_counter() - t0, 3)}
-                self.progress.advance(pt, 1)
-        else:  # many users per pass: in this process, in a process pool, or on a Ray cluster
-            t0 = time.perf_counter()
-            if c.executor == "batched":
-                from oppu.multi import train_users
-                losses_by_user = train_users(self.model, self.tok, exs_by_user, pcfg, ucfg, seed, adapters_dir,
-                                             c.max_prompt_tokens, c.max_users_per_batch,
-                                             on_user_done=lambda uid, losses: self.progress.advance(pt, 1),
-                                             tokens_per_forward=c.tokens_per_forward)
-            else:
-                from oppu.scale import train_sharded
-                losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user, pcfg, ucfg, seed,
-                                               adapters_dir, executor=c.executor, workers=c.workers,
-                                               ray_address=c.ray_address or None,
-                                               max_users_per_batch=c.max_users_per_batch,
-                                               tokens_per_forward=c.tokens_per_forward,
-                                               max_len=c.max_prompt_tokens, dtype=c.dtype, device=c.device)
-                self.progress.advance(pt, len(users))
-            per = round((time.perf_counter() - t0) / max(1, len(users)), 3)  # wall time shared by all
-            info = {uid: {"losses": ls, "seconds": per} for uid, ls in losses_by_user.items()}
-        for u in users:
-            info[u.user_id].update(examples=len(exs_by_user[u.user_id]), history=len(u.history),
-                                   dir=safe_user_dir(u.user_id))
-        return info
+        t0 = time.perf_counter()
+        if c.executor == "batched":
+            losses_by_user = self.p.train_to_dir(exs_by_user, adapters_dir, lambda uid: self.progress.advance(pt, 1),
+                                                 ucfg=ucfg, peft=peft, seed=seed)
+        else:  # a process pool or a Ray cluster, each worker running the same engine
+            from oppu.engine import peft_config
+            from oppu.scale import train_sharded
+            losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user, peft_config(peft, ucfg), ucfg,
+                                           seed, adapters_dir, executor=c.executor, workers=c.workers,
+                                           ray_address=c.ray_address or None, max_users_per_batch=c.max_users_per_batch,
+                                           tokens_per_forward=c.tokens_per_forward, max_len=c.max_prompt_tokens,
+                                           dtype=c.dtype, device=c.device)
+            self.progress.advance(pt, len(users))
+        per = round((time.perf_counter() - t0) / max(1, len(users)), 3)  # wall time shared by all
+        return {u.user_id: {"losses": losses_by_user[u.user_id], "seconds": per, "examples": len(exs_by_user[u.user_id]),
+                            "history": len(u.history), "dir": safe_user_dir(u.user_id)} for u in users}
 
     # -- inference ---------------------------------------------------------------------------
     def prompts(self, users: Sequence[User], methods: Sequence[str], k: int | None = None) -> dict[str, dict[str, str]]:
         """{method: {question id: prompt}}; a prompt depends only on the variant (rag and
         oppu_rag share it), so each variant is rendered once."""
-        c, cache = self.cfg, {}
-        k = c.k if k is None else k
-        by_variant = {v: {q.id: query_prompt(self.task, u, q, v, k, c.retriever, self.profile_fn, c.prompt_style,
-                                             cache)
-                          for u in users for q in u.queries} for v in variants_for(methods)}
+        cache: dict = {}
+        by_variant = {v: {q.id: self.p.prompt(u, q, v, k, cache) for u in users for q in u.queries}
+                      for v in variants_for(methods)}
         return {m: by_variant[METHOD_VARIANT[m]] for m in methods}
 
     def generate(self, users: Sequence[User], methods: Sequence[str], adapters_dir: str | Path | None = None,
                  k: int | None = None, label: str = "inference") -> dict[str, dict[str, str]]:
-        """Raw generated text {method: {question id: text}}: shared-base methods in plain batches,
-        adapter methods in mixed-adapter batches (each row its own user's module, oppu.multi),
-        users in groups of 32 so memory stays bounded."""
-        from oppu.engine import generate
-        from oppu.multi import generate_mixed
-
-        c, task = self.cfg, self.task
+        """Raw generated text {method: {question id: text}} through the one decoder: shared-base
+        methods as plain rows, adapter methods in mixed-adapter batches (each row its own user's
+        module), `users_per_generate` users' adapters loaded at a time so memory stays bounded."""
+        c = self.cfg
         prompts = self.prompts(users, methods, k)
         raw: dict[str, dict[str, str]] = {m: {} for m in methods}
-        n = sum(len(u.queries) for u in users) * len(methods)
-        it = self.progress.add_task(label, total=n)
+        it = self.progress.add_task(label, total=sum(len(u.queries) for u in users) * len(methods))
+        step = lambda n: self.progress.advance(it, n)  # noqa: E731
         flat = [(m, qid, p) for m in methods if m not in ADAPTER_METHODS for qid, p in prompts[m].items()]
-        texts = generate(self.model, self.tok, [p for _, _, p in flat], task.max_new_tokens, c.infer_batch_size,
-                         c.max_prompt_tokens, progress=lambda n: self.progress.advance(it, n))
-        for (m, qid, _), t in zip(flat, texts):
+        for (m, qid, _), t in zip(flat, self.p.generate([p for _, _, p in flat], progress=step)):
             raw[m][qid] = t
         adapter_methods = [m for m in methods if m in ADAPTER_METHODS]
         if adapter_methods and adapters_dir is None:
             raise ValueError(f"methods {adapter_methods} need the users' adapters (adapters_dir)")
-        group = 32
-        for g0 in range(0, len(users) if adapter_methods else 0, group):
-            grp = users[g0:g0 + group]
-            flat2 = [(m, u.user_id, q.id, prompts[m][q.id]) for u in grp for m in adapter_methods for q in u.queries]
-            texts = generate_mixed(self.model, self.tok, [p for *_, p in flat2], [uid for _, uid, _, _ in flat2],
-                                   {u.user_id: Path(adapters_dir) / safe_user_dir(u.user_id) for u in grp},
-                                   task.max_new_tokens, c.infer_batch_size, c.max_prompt_tokens)
-            for (m, _, qid, _), t in zip(flat2, texts):
+        for g0 in range(0, len(users) if adapter_methods else 0, c.users_per_generate):
+            grp = users[g0:g0 + c.users_per_generate]
+            rows = [(m, u.user_id, q.id, prompts[m][q.id]) for u in grp for m in adapter_methods for q in u.queries]
+            texts = self.p.generate([p for *_, p in rows], [uid for _, uid, _, _ in rows],
+                                    {u.user_id: Path(adapters_dir) / safe_user_dir(u.user_id) for u in grp},
+                                    progress=step)
+            for (m, _, qid, _), t in zip(rows, texts):
                 raw[m][qid] = t
-            self.progress.advance(it, len(flat2))
         return raw
 
     def parse(self, raw: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:

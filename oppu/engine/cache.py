@@ -1,8 +1,9 @@
 """An in-memory LRU of users' adapter tensors, bounded in bytes, in front of the on-disk adapters.
 
-A server that keeps many more users on disk than it can hold loaded reads each request's adapter
-through this cache: a hit skips the safetensors read and the config parse (it costs two `stat`
-calls, which also catch a file rewritten on disk: its entry is reloaded, never served stale).
+The engine's serving slots (engine/serving.py, under the server and Personalizer) read every
+adapter they load through this cache: a hit skips the safetensors read and the config parse (it
+costs two `stat` calls, which also catch a file rewritten on disk: its entry is reloaded, never
+served stale).
 Entries are evicted least-recently-used first until the held tensor bytes fit `max_bytes`.
 
     cache = AdapterCache(max_bytes=256 << 20)                  # 256 MiB of adapter tensors
@@ -11,7 +12,7 @@ Entries are evicted least-recently-used first until the held tensor bytes fit `m
     cache.stats()  # {"hits": .., "misses": .., "evictions": .., "reloads": .., "bytes": .., ...}
 
 Storage in bf16: `save_adapter_bf16(dir)` rewrites an adapter's safetensors in bfloat16 (half the
-bytes on disk; PEFT and MultiUserModel load it back into their fp32 adapter tensors), and
+bytes on disk; PEFT and the engine load it back into their fp32 adapter tensors), and
 `AdapterCache(dtype=torch.bfloat16)` holds tensors in bf16 in memory (twice the users per byte).
 What it costs, measured by benchmarks/adapter_io.py (16 users of a synthetic LaMP_2M world, LoRA r=8
 on all linear layers of the tiny base, task-adapted; see docs/benchmarks.md): rounding the adapter
@@ -35,7 +36,9 @@ from typing import Any, Mapping
 
 import torch
 
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+from oppu.engine.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+
+FILES = (CONFIG_FILE, WEIGHTS_FILE)
 VERIFY = ("stat", "sha256")
 
 
@@ -91,8 +94,6 @@ class AdapterCache:
 
     def get(self, user_dir: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
         """(config, tensors) of the adapter in user_dir, from memory when its files are unchanged."""
-        from oppu.multi.model import read_adapter
-
         key = self.key(user_dir)
         fp = fingerprint(key, self.verify)
         with self._lock:

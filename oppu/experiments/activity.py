@@ -9,7 +9,7 @@ from __future__ import annotations
 from oppu.config import METHODS
 from oppu.experiments.common import Lab, improvement, primary_metric
 from oppu.experiments.plots import bars
-from oppu.session import ADAPTER_METHODS
+from oppu.config import ADAPTER_METHODS
 
 
 def buckets(users: list, n: int) -> list[list]:

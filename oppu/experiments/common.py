@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 from oppu.config import METHODS, load_config
 from oppu.data.lamp import write_json_atomic, write_outputs
 from oppu.metrics import METRIC_KEYS, higher_is_better
-from oppu.session import ADAPTER_METHODS, Session
+from oppu.config import ADAPTER_METHODS
+from oppu.session import Session
 from oppu.tasks import get_task
 
 

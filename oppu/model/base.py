@@ -1,6 +1,7 @@
 """Load a base causal LM from a local directory; build the embedded tiny base.
 
-`load_base(path)` is the one loading path: `AutoModelForCausalLM.from_pretrained(local_dir)` and
+`load_base(path)` is the one loading path (the pipeline, the server and the scale-out workers
+all load through it): `AutoModelForCausalLM.from_pretrained(local_dir)` and
 `AutoTokenizer.from_pretrained(local_dir)`, with the network disabled, so a Llama-2-7B or Qwen
 directory works unchanged. `build_tiny_base(corpus, out_dir)` makes the embedded default: a
 byte-level BPE tokenizer trained locally on the corpus by `tokenizers`, a small Llama model
@@ -109,19 +110,46 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model dir, set up the one way oppu uses it: left padding, a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:  # Llama-2 and friends ship without a pad token
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
     """Load (model, tokenizer) from a local Hugging Face directory. Never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json); "
                                 "pass --base tiny or a local checkpoint directory")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:  # Llama-2 and friends ship without a pad token
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     model.to(resolve_device(device))
     model.eval()
+    model.name_or_path = str(path)  # adapters record where their base lives
     return model, tok
+
+
+def resolve_base_path(spec: str | Path) -> Path:
+    """A HF model dir; an `oppu run` output dir or its run.json resolve to the base it recorded."""
+    import json
+
+    p = Path(spec)
+    run_json = p if p.name == "run.json" else p / "run.json"
+    if (p / "config.json").exists():
+        return p
+    if run_json.is_file():
+        path = (json.loads(run_json.read_text()).get("base") or {}).get("path")
+        if not path or not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"{run_json} records base path {path!r}, which is not a model directory "
+                                    "(was the cache cleaned? rerun `oppu run`)")
+        return Path(path)
+    raise FileNotFoundError(f"--base {spec!r}: not 'tiny', 'tiny:<preset>', a Hugging Face model directory "
+                            "(config.json) nor an `oppu run` output (run.json)")

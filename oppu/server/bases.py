@@ -6,14 +6,13 @@
 
 `tiny` / `tiny:<preset>` (micro, tiny, small): a from-scratch Llama with a BPE tokenizer, both
 built from a small built-in synthetic world of the task and task-adapted on it for `base_epochs`
-epochs, through the same code `oppu run` uses (oppu.pipeline.prepare_base). It is cached under
+epochs, through the same code `oppu run` uses (oppu.model.prepare.prepare_base). It is cached under
 `<store>/bases/`, so every restart serves the exact base the store's adapters were trained on.
 It exists to try the API; its answers are only as good as a few-million-parameter model trained
 for seconds on a synthetic world. Point `--base` at a real checkpoint for quality.
 """
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -22,26 +21,10 @@ from typing import Any
 log = logging.getLogger("oppu.server")
 
 
-def resolve_base_path(spec: str) -> Path:
-    """A HF model dir; an `oppu run` output dir or its run.json resolve to the base it recorded."""
-    p = Path(spec)
-    run_json = p if p.name == "run.json" else p / "run.json"
-    if (p / "config.json").exists():
-        return p
-    if run_json.is_file():
-        path = (json.loads(run_json.read_text()).get("base") or {}).get("path")
-        if not path or not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"{run_json} records base path {path!r}, which is not a model directory "
-                                    "(was the cache cleaned? rerun `oppu run`)")
-        return Path(path)
-    raise FileNotFoundError(f"--base {spec!r}: not 'tiny', 'tiny:<preset>', a Hugging Face model directory "
-                            "(config.json) nor an `oppu run` output (run.json)")
-
-
 def open_base(spec: str, task: str, store_root: str | Path, *, seed: int = 0, base_epochs: int = 3, k: int = 2,
               max_len: int = 256, device: str = "cpu", dtype: str = "fp32") -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info) for `--base spec`; see the module docstring."""
-    from oppu.model.base import load_base
+    from oppu.model.base import load_base, resolve_base_path
 
     if spec != "tiny" and not spec.startswith("tiny:"):
         path = resolve_base_path(spec)
@@ -54,8 +37,8 @@ def _tiny(spec, task, store_root, seed, base_epochs, k, max_len, device, dtype):
     from oppu.config import BaseTrainConfig, RunConfig
     from oppu.data.synth import synth_world
     from oppu.data.users import load_lamp_dir
-    from oppu.pipeline import prepare_base
-    from oppu.session import NoProgress
+    from oppu.model.prepare import prepare_base
+    from oppu.progress import NoProgress
     from oppu.tasks import get_task
 
     t = get_task(task)

@@ -9,31 +9,29 @@
     blob = svc.export(uid, "a passphrase")         # oppu.crypto, decrypt with the same passphrase
     svc.delete(uid); svc.close()
 
+Everything that trains, generates, builds prompts or touches adapters is the one Personalizer's
+(`svc.p`); this class adds users and tokens, job queueing rules and observability on top.
 Training never blocks generation by default: the trainer gets its own deep copy of the base
-(`trainer_base="copy"`, chosen by "auto" below 1B parameters), so the batcher's MultiUserModel
-and the trainer's PEFT modules never touch the same modules and each side keeps its own lock.
-A bigger base would double its memory that way; `trainer_base="shared"` then trains on the
-serving base under the batcher's lock, with the serving modules unwrapped for the job's
-duration (generation waits while a job runs). Both are correct; "copy" is the concurrent one.
+(`trainer_base="copy"`, chosen by "auto" below 1B parameters), so serving and training never
+touch the same modules and each side keeps its own lock. A bigger base would double its memory
+that way; `trainer_base="shared"` then trains on the serving base under the serving lock, with
+the serving adapters detached for the pass (generation waits while it runs). Both are correct;
+"copy" is the concurrent one.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import hmac
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from oppu.config import UserTrainConfig
-from oppu.data.users import Query, User
-from oppu.examples import query_prompt
-from oppu.lifecycle import Personalizer
+from oppu.config import TRAINER_BASES, UserTrainConfig
+from oppu.personalizer import Personalizer
 from oppu.server.batcher import Batcher
 from oppu.server.metrics import Metrics
 from oppu.server.schemas import MAX_K
@@ -42,7 +40,6 @@ from oppu.store import AdapterStore, HistoryError, Job, JobError, NoAdapter, val
 from oppu.tasks import get_task
 
 log = logging.getLogger("oppu.server")
-TRAINER_BASES = ("auto", "copy", "shared")
 COPY_BELOW_PARAMS = 1_000_000_000
 
 
@@ -94,25 +91,14 @@ class Service:
         if mode == "auto":
             mode = "copy" if sum(p.numel() for p in model.parameters()) < COPY_BELOW_PARAMS else "shared"
         self.trainer_base = mode
-        train_model = copy.deepcopy(model) if mode == "copy" else model  # copy before the batcher wraps it
-        self.batcher = Batcher(model, tok, store, self.task.max_new_tokens, cfg.max_len, max_batch=cfg.max_batch,
-                               max_wait_s=cfg.max_wait_ms / 1000, max_loaded=cfg.max_loaded,
+        train_model = copy.deepcopy(model) if mode == "copy" else None  # a copy shares no module with serving
+        self.p = Personalizer(model, tok, self.task, cfg.user_train, peft=cfg.peft, seed=cfg.seed, k=cfg.k,
+                              max_len=cfg.max_len, batch_size=cfg.max_batch, store=store, max_loaded=cfg.max_loaded,
+                              train_model=train_model)
+        self.batcher = Batcher(self.p, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                                on_batch=self.metrics.batch_rows.observe)
-        self.p = Personalizer(store, train_model, tok, self.task, cfg.user_train, peft=cfg.peft, seed=cfg.seed,
-                              k=cfg.k, max_len=cfg.max_len)
-        guard = contextlib.nullcontext
-        if mode == "shared":
-            self.p.model_lock = self.batcher.lock  # one lock for every use of the one base
-            guard = self._shared_guard
-        self.worker = TrainWorker(self.p, cfg.replay, guard)
-        self._prompts: OrderedDict[str, tuple[int, dict]] = OrderedDict()  # user -> (last seq, retriever cache)
-        self._prompts_lock = threading.Lock()
+        self.worker = TrainWorker(self.p, cfg.replay)
         self._jobs_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _shared_guard(self):
-        with self.batcher.lock, self.batcher.mm.detached():
-            yield
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,11 +137,7 @@ class Service:
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)
         self.store.user(uid)  # UnknownUser before anything else happens
-        out = self.p.delete_user(uid)
-        self.batcher.evict(uid)
-        with self._prompts_lock:
-            self._prompts.pop(uid, None)
-        return out
+        return self.p.delete_user(uid)
 
     def export(self, uid: str, passphrase: str, include_history: bool = True) -> tuple[bytes, int]:
         info = self.store.user(validate_user_id(uid))
@@ -209,44 +191,23 @@ class Service:
 
     # -- generation ----------------------------------------------------------------------------
     def prompt(self, uid: str, task: str, text: str, k: int | None) -> str:
-        """The prompt Personalizer.generate builds for this input (same template, same retrieval)."""
+        """The prompt the Personalizer builds for this user's input (checks task and adapter first)."""
         self._check_task(task)
-        k = self.cfg.k if k is None else k
         info = self.store.user(validate_user_id(uid))
         if info.task not in (None, self.task.id):
             raise HistoryError(f"user {uid!r} belongs to task {info.task!r}; this server serves {self.task.id!r}")
         if info.active_version is None:
             raise NoAdapter(f"user {uid!r} has no adapter yet; train one first")
-        hist = self.store.history(uid)
-        items = [h.item for h in hist]
-        user = User(uid, items, [], {it["id"]: it for it in items})
-        q = Query("q0", text, None, tuple(h.item_id for h in hist))
-        return query_prompt(self.task, user, q, "rag" if k > 0 else "plain", k, self.p.retriever, None,
-                            self.p.style, self._retriever_cache(uid, hist[-1].seq if hist else 0))
-
-    def _retriever_cache(self, uid: str, last_seq: int, keep: int = 1024) -> dict:
-        with self._prompts_lock:
-            got = self._prompts.get(uid)
-            if got is None or got[0] != last_seq:  # the retrieval index follows the history
-                got = (last_seq, {})
-                self._prompts[uid] = got
-            self._prompts.move_to_end(uid)
-            while len(self._prompts) > keep:
-                self._prompts.popitem(last=False)
-            return got[1]
+        return self.p.user_prompt(uid, text, k)
 
     def submit_generate(self, uid: str, task: str, text: str, k: int | None = None) -> Future:
         return self.batcher.submit(uid, self.prompt(uid, task, text, k))
 
     # -- observability -------------------------------------------------------------------------
     def gauges(self) -> dict[str, tuple[str, list]]:
-        c = self.store.db.conn()
-        by_status = dict.fromkeys(("queued", "running", "done", "failed"), 0)
-        by_status.update({r[0]: r[1] for r in c.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")})
-        users = c.execute("SELECT COUNT(*) FROM users").fetchone()[0]
-        return {"oppu_users": ("Users in the store.", [({}, users)]),
+        return {"oppu_users": ("Users in the store.", [({}, self.store.count_users())]),
                 "oppu_jobs": ("Training jobs in the store by status.",
-                              [({"status": s}, n) for s, n in by_status.items()]),
+                              [({"status": s}, n) for s, n in self.store.jobs.count_by_status().items()]),
                 "oppu_adapters_loaded": ("User adapters loaded in the serving model.", [({}, self.batcher.loaded())]),
                 "oppu_generate_queue_depth": ("Generate requests waiting for a batch.",
                                               [({}, self.batcher.queue_depth())])}

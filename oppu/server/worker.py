@@ -1,9 +1,10 @@
-"""The training worker: one background thread runs queued train/update jobs, one at a time.
+"""The training worker: one background thread runs queued train/update jobs, many users per pass.
 
-A job is a row of the store's jobs table (queued -> running -> done | failed); the worker runs
-`Personalizer.train` (a user's first adapter) or `Personalizer.update` (continue the active one
-on the new items plus a replay sample), which move the row and publish the new version
-atomically. The version a job made carries the note "<kind> via job <id>", so `version_of`
+A job is a row of the store's jobs table (queued -> running -> done | failed). The worker takes
+every job waiting when it wakes (up to `max_jobs`, one per user) and runs them as one batched pass
+of the engine's trainer (`Personalizer.run_jobs`): a user's first adapter from the seeded start,
+an update from the active version on the new items plus a replay sample. Each job's row moves
+and its version is published atomically as soon as that user finishes. The version a job made carries the note "<kind> via job <id>", so `version_of`
 finds it after a restart too. A job of a user deleted meanwhile fails harmlessly: its rows are
 gone and the store refuses to publish for an unknown user.
 
@@ -11,20 +12,18 @@ gone and the store refuses to publish for an unknown user.
     w.submit(job)                      # a queued store Job
     w.close()
 
-`guard` wraps each run: with a trainer that has its own copy of the base it is a no-op; when the
-trainer shares the serving base it takes the batcher's lock and unwraps the serving modules
-(Service builds it), so generation pauses while that job runs.
+Whether training runs beside serving (its own copy of the base) or pauses it (the serving base,
+its adapters detached for the pass) is the Personalizer's `train_model` choice.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
-from typing import Callable, ContextManager
+from typing import Callable
 
-from oppu.lifecycle import Personalizer
+from oppu.personalizer import Personalizer
 from oppu.store import AdapterStore, Job, JobError, StoreError
 
 log = logging.getLogger("oppu.server")
@@ -46,14 +45,13 @@ def version_of(store: AdapterStore, job: Job) -> int | None:
 
 
 class TrainWorker:
-    def __init__(self, personalizer: Personalizer, replay: float = 0.5,
-                 guard: Callable[[], ContextManager] = contextlib.nullcontext,
+    def __init__(self, personalizer: Personalizer, replay: float = 0.5, max_jobs: int = 16,
                  on_finish: Callable[[Job, BaseException | None], None] = lambda job, err: None):
-        self.p, self.replay, self.guard, self.on_finish = personalizer, replay, guard, on_finish
+        self.p, self.replay, self.max_jobs, self.on_finish = personalizer, replay, max_jobs, on_finish
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="oppu-trainer", daemon=True)
         self._closing = threading.Event()
-        self.current: str | None = None
+        self.current: list[str] = []   # job ids of the pass in progress
 
     def start(self) -> None:
         self._thread.start()
@@ -62,7 +60,7 @@ class TrainWorker:
         self._q.put(job)
 
     def close(self, timeout: float = 0.0) -> bool:
-        """Start no further job; wait up to `timeout` s for the running one. Jobs left queued or
+        """Start no further pass; wait up to `timeout` s for the running one. Jobs left queued or
         running are marked failed by the next start. True when the thread has stopped."""
         self._closing.set()
         self._q.put(None)
@@ -73,34 +71,50 @@ class TrainWorker:
     def pending(self) -> int:
         return self._q.qsize()
 
+    def _take(self) -> list[Job] | None:
+        """The next pass: the first waiting job, plus every other one waiting now (one per user)."""
+        first = self._q.get()
+        if first is None or self._closing.is_set():
+            return None
+        jobs, users, later = [first], {first.user_id}, []
+        while len(jobs) < self.max_jobs:
+            try:
+                j = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if j is None:
+                self._q.put(None)
+                break
+            (later if j.user_id in users else jobs).append(j)
+            users.add(j.user_id)
+        for j in later:  # a user's second job waits for the next pass
+            self._q.put(j)
+        return jobs
+
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None or self._closing.is_set():
+            jobs = self._take()
+            if jobs is None:
                 return
-            self.current = job.job_id
-            t0, err = time.monotonic(), None
+            self.current = [j.job_id for j in jobs]
+            t0 = time.monotonic()
             try:
-                self._one(job)
-            except BaseException as e:  # the job row says why; the worker goes on
-                err = e
-                self._fail(job, e)
+                results = self.p.run_jobs(jobs, self.replay, {j.job_id: job_note(j.kind, j.job_id) for j in jobs})
+            except BaseException as e:  # the job rows say why; the worker goes on
+                results = {j.job_id: e for j in jobs}
+                for j in jobs:
+                    self._fail(j, e)
             finally:
-                self.current = None
-            log.info("job %s (%s, user %s) %s in %.1fs%s", job.job_id, job.kind, job.user_id,
-                     "failed" if err else "done", time.monotonic() - t0, f": {err}" if err else "")
-            self.on_finish(job, err)
-
-    def _one(self, job: Job) -> None:
-        note = job_note(job.kind, job.job_id)
-        with self.guard():
-            if job.kind == "train":
-                self.p.train(job.user_id, job_id=job.job_id, note=note)
-            else:
-                self.p.update(job.user_id, replay=self.replay, job_id=job.job_id, note=note)
+                self.current = []
+            for j in jobs:
+                err = results.get(j.job_id)
+                err = err if isinstance(err, BaseException) else None
+                log.info("job %s (%s, user %s) %s in %.1fs (a pass of %d)%s", j.job_id, j.kind, j.user_id,
+                         "failed" if err else "done", time.monotonic() - t0, len(jobs), f": {err}" if err else "")
+                self.on_finish(j, err)
 
     def _fail(self, job: Job, e: BaseException) -> None:
-        """Personalizer marks its own failures; this covers errors before it took the job."""
+        """run_jobs marks its own failures; this covers errors outside it."""
         try:
             if self.p.store.jobs.get(job.job_id).status in ("queued", "running"):
                 self.p.store.jobs.set(job.job_id, "failed", error=f"{type(e).__name__}: {e}")

@@ -79,6 +79,12 @@ class Jobs:
         return [_job(r) for r in self.db.conn().execute("SELECT * FROM jobs WHERE user_id=? ORDER BY created",
                                                         (user_id,))]
 
+    def count_by_status(self) -> dict[str, int]:
+        """{status: number of jobs} for every status (0 where none)."""
+        out = dict.fromkeys(JOB_STATUSES, 0)
+        out.update({r[0]: r[1] for r in self.db.conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")})
+        return out
+
     def fail_unfinished(self, error: str = "interrupted: the server stopped before the job finished") -> list[str]:
         """At server start: jobs left queued/running by a previous process can never finish."""
         with self.db.write() as c:

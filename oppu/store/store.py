@@ -97,6 +97,9 @@ class AdapterStore:
     def users(self) -> list[str]:
         return [r[0] for r in self.db.conn().execute("SELECT user_id FROM users ORDER BY created, user_id")]
 
+    def count_users(self) -> int:
+        return self.db.conn().execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
     def has_user(self, user_id: str) -> bool:
         try:
             self.user(user_id)
@@ -293,19 +296,6 @@ class AdapterStore:
                 continue
             return Served(self.version(user_id, n), path, tuple(skipped))
         raise skipped[0]
-
-    def load_active_with_fallback(self, user_id: str, base):
-        """(PeftModel over `base`, Served): the verified active version, or the previous good one.
-        Detach with oppu.adapters.detach when done (oppu.lifecycle.plugged does both)."""
-        from oppu.adapters import load_user
-        from oppu.lifecycle import strip_adapter_layers
-
-        served = self.resolve_active(user_id)
-        try:
-            return load_user(base, served.path), served
-        except Exception:
-            strip_adapter_layers(base)  # a half-done load must not leave layers in the shared base
-            raise
 
     def import_user(self, user_id: str, task: str, history: list[tuple[int, dict[str, Any]]],
                     files: dict[str, bytes], fields: dict[str, Any],
