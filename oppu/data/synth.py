@@ -1,9 +1,9 @@
 """Synthetic LaMP worlds in the exact official file format: the project's embedded default data.
 
 In every world the answer depends on a per-user latent trait that the query input alone does not
-reveal but the user's history does (per-task designs: oppu/data/synth_tasks.py; words:
-oppu/data/synth_vocab.py). Texts are short and the vocabulary is small and closed, so a tiny
-from-scratch model can learn a world on CPU in minutes.
+reveal but the user's history does (per-task designs: oppu/data/synth_tasks.py and
+oppu/data/synth_style.py; words: oppu/data/synth_vocab.py). Texts are short and the vocabulary
+is small and closed, so a tiny from-scratch model can learn a world on CPU in minutes.
 
     from oppu.data.synth import synth_world
     card = synth_world("LaMP_2M", "data/synth/LaMP_2M", seed=0)

@@ -10,99 +10,22 @@ trait, one example of the task for that user, and three oracle guesses used for 
 A trait has a part the history shows and a part only shifted queries use (behaviour shift),
 described in each world's `shift_rule`. All randomness comes from the `random.Random` passed in.
 Words come from oppu/data/synth_vocab.py.
+
+Here: the choice worlds (LaMP_1 citations, LaMP_2M/2N labels, LaMP_3 ratings) and make_world.
+The generation worlds (LaMP_4/5/7) are in oppu/data/synth_style.py; Example, World,
+INSTRUCTIONS and the sampling helpers in oppu/data/synth_common.py (re-exported here).
 """
 from __future__ import annotations
 
 import random
-from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
 
 from oppu.data import synth_vocab as V
+from oppu.data.synth_common import (INSTRUCTIONS, Example, World, compose, draw, plackett_luce, round_prior,
+                                    skewed_prior)
+from oppu.data.synth_style import HeadlineWorld, PaperTitleWorld, TweetWorld
 
-# Official LaMP input templates, kept here (not imported from oppu.tasks) so the generator does
-# not depend on the task modules; tests/test_synth.py checks the two stay equal.
-INSTRUCTIONS: dict[str, str] = {
-    "LaMP_1": ('For an author who has written the paper with the title "{title}", which reference is related? '
-               'Just answer with [1] or [2] without explanation. [1]: "{ref1}" [2]: "{ref2}"'),
-    "LaMP_2N": ("Which category does this article relate to among the following categories? Just answer with "
-                "the category name without further explanation. categories: [" + ", ".join(V.CATEGORY_KEYWORDS)
-                + "] article: {text}"),
-    "LaMP_2M": ("Which tag does this movie relate to among the following tags? Just answer with the tag name "
-                "without further explanation. tags: [" + ", ".join(V.TAG_KEYWORDS) + "] description: {description}"),
-    "LaMP_3": ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, "
-               "or 5 without further explanation. review: {text}"),
-    "LaMP_4": "Generate a headline for the following article: {text}",
-    "LaMP_5": "Generate a title for the following abstract of a paper: {abstract}",
-    "LaMP_7": "Paraphrase the following tweet without any explanation before or after it: {text}",
-}
-
-
-@dataclass(frozen=True)
-class Example:
-    """One generated record: usable as a history item (`fields`) or as a query (`input`, `gold`)."""
-    fields: dict[str, str]   # profile item fields, answer included (no id/date)
-    input: str               # official query input
-    gold: str
-    latent: Any              # what every oracle may read: candidates, base score, keywords
-    shown: Any               # the trait value that produced `gold` after noise: what this record reveals
-
-
-class World(Protocol):
-    task: str
-    design: str
-    shift_rule: str
-
-    def user(self, rng: random.Random) -> dict[str, Any]: ...
-    def example(self, trait: dict, rng: random.Random, shifted: bool, noise: float, query: bool) -> Example: ...
-    def guess_population(self, ex: Example) -> str: ...
-    def guess_user(self, trait: dict, ex: Example, shifted: bool) -> str: ...
-    def guess_history(self, history: list[Example], ex: Example) -> str: ...
-    def card(self) -> dict[str, Any]: ...
-
-
-# ---------------------------------------------------------------- shared helpers
-def skewed_prior(rng: random.Random, options: Sequence, power: float) -> dict:
-    """Zipf-like weights 1/(rank+1)^power over the options in a seed-dependent order (sum 1)."""
-    order = list(options)
-    rng.shuffle(order)
-    raw = [1.0 / (r + 1) ** power for r in range(len(order))]
-    total = sum(raw)
-    return {o: w / total for o, w in zip(order, raw)}
-
-
-def draw(rng: random.Random, prior: dict, exclude: Sequence = ()) -> Any:
-    opts = [o for o in prior if o not in exclude]
-    return rng.choices(opts, weights=[prior[o] for o in opts])[0]
-
-
-def plackett_luce(rng: random.Random, prior: dict) -> list:
-    """A full preference order: repeatedly draw the next favourite, weighted by the prior."""
-    left, order = dict(prior), []
-    while left:
-        order.append(draw(rng, left))
-        del left[order[-1]]
-    return order
-
-
-def vote(values: Sequence, prior: dict) -> Any:
-    """Most common value; ties (and the empty case) go to the higher prior weight."""
-    counts = Counter(values)
-    return max(prior, key=lambda o: (counts.get(o, 0), prior[o]))
-
-
-def compose(rng: random.Random, opener: str, keywords: Sequence[str], links: Sequence[str], closer: str) -> str:
-    """'opener kw1 link kw2 link kw3 closer': keywords in order, joined by drawn link phrases."""
-    parts = [opener, keywords[0]]
-    for kw in keywords[1:]:
-        parts += [rng.choice(links), kw]
-    parts.append(closer)
-    return " ".join(p for p in parts if p)
-
-
-def _round(prior: dict) -> dict:
-    return {str(k): round(v, 4) for k, v in prior.items()}
+__all__ = ["INSTRUCTIONS", "CitationWorld", "Example", "LabelWorld", "RatingWorld", "World", "make_world"]
 
 
 # ---------------------------------------------------------------- LaMP_2M / LaMP_2N
@@ -165,7 +88,7 @@ class LabelWorld:
         return max(ex.latent, key=lambda c: (counts.get(c, 0), self.prior[c]))
 
     def card(self):
-        return {"label_prior": _round(self.prior), "familiar_labels_per_user": self.N_FAMILIAR}
+        return {"label_prior": round_prior(self.prior), "familiar_labels_per_user": self.N_FAMILIAR}
 
 
 # ---------------------------------------------------------------- LaMP_3
@@ -221,145 +144,12 @@ class RatingWorld:
         return str(_clip(ex.latent + best))
 
     def card(self):
-        return {"base_prior": _round(self.BASE_PRIOR), "bias_prior": _round(self.BIAS_PRIOR),
+        return {"base_prior": round_prior(self.BASE_PRIOR), "bias_prior": round_prior(self.BIAS_PRIOR),
                 "population_rule": {str(b): s for b, s in self.population_rule.items()}}
 
 
 def _clip(x: int) -> int:
     return max(1, min(5, x))
-
-
-# ---------------------------------------------------------------- LaMP_4 / LaMP_5 / LaMP_7
-class StyleWorld(ABC):
-    """Outputs rewrite the input's salient words in the user's style (a choice per style dimension)."""
-    task = ""
-    dims: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    power = 1.2                # population skew of every style dimension
-    design = shift_rule = ""
-
-    def __init__(self, rng: random.Random):
-        self.priors = {name: skewed_prior(rng, opts, power=self.power) for name, opts in self.dims}
-        self.modal = {name: max(p, key=p.__getitem__) for name, p in self.priors.items()}
-
-    @abstractmethod
-    def content(self, rng: random.Random) -> tuple[str, tuple[str, ...]]:
-        """The input text and its salient words, in order of appearance."""
-
-    @abstractmethod
-    def render(self, style: dict[str, str], kws: tuple[str, ...]) -> str:
-        """The output these salient words get in this style."""
-
-    @abstractmethod
-    def item(self, text: str, gold: str) -> dict[str, str]:
-        """The profile item fields of one (input text, output) pair."""
-
-    def _style(self, rng):
-        return {name: draw(rng, p) for name, p in self.priors.items()}
-
-    def user(self, rng):
-        style = self._style(rng)
-        other = self._style(rng)
-        while other == style:
-            other = self._style(rng)
-        return {"style": style, "shift_style": other}
-
-    def example(self, trait, rng, shifted, noise, query):
-        text, kws = self.content(rng)
-        used = trait["shift_style" if shifted else "style"]
-        if rng.random() < noise:
-            used = self._style(rng)
-        gold = self.render(used, kws)
-        key = "abstract" if self.task == "LaMP_5" else "text"
-        return Example(self.item(text, gold), INSTRUCTIONS[self.task].format(**{key: text}), gold, kws, used)
-
-    def guess_population(self, ex):
-        return self.render(self.modal, ex.latent)
-
-    def guess_user(self, trait, ex, shifted):
-        return self.render(trait["shift_style" if shifted else "style"], ex.latent)
-
-    def guess_history(self, history, ex):
-        style = {name: vote([h.shown[name] for h in history], p) for name, p in self.priors.items()}
-        return self.render(style, ex.latent)
-
-    def card(self):
-        return {"style_priors": {name: _round(p) for name, p in self.priors.items()}, "modal_style": self.modal}
-
-
-class HeadlineWorld(StyleWorld):
-    task = "LaMP_4"
-    dims = (("prefix", V.HEADLINE_PREFIXES), ("pick", V.HEADLINE_PICKS), ("joiner", V.HEADLINE_JOINERS),
-            ("suffix", V.HEADLINE_SUFFIXES))
-    design = ("Each article holds 3 salient news keywords, in order, among filler phrases. A headline = the user's "
-              "style applied to them: prefix (e.g. 'BREAKING:'), which keywords (first two / all three / last two), "
-              "the word joining them, and a suffix (e.g. '- report'); each user's style is drawn per dimension "
-              "from a skewed population prior. With probability noise an item uses a fresh population style. "
-              "The input gives the keywords; only the history shows the style.")
-    shift_rule = "A shifted query is written in the user's second style, which differs from the one their history shows."
-
-    def content(self, rng):
-        kws = tuple(rng.sample(V.NEWS_KEYWORDS, 3))
-        return compose(rng, rng.choice(V.ARTICLE_OPENERS), kws, V.ARTICLE_LINKS, rng.choice(V.ARTICLE_CLOSERS)), kws
-
-    def render(self, style, kws):
-        picked = {"first two": kws[:2], "all three": kws, "last two": kws[1:]}[style["pick"]]
-        return " ".join(p for p in (style["prefix"], style["joiner"].join(picked), style["suffix"]) if p)
-
-    def item(self, text, gold):
-        return {"text": text, "title": gold}
-
-
-class PaperTitleWorld(StyleWorld):
-    task = "LaMP_5"
-    dims = (("template", V.TITLE_TEMPLATES), ("tail", V.TITLE_TAILS))
-    design = ("Each abstract holds 3 research terms a, b, c, in order, among filler phrases. A title = the user's "
-              "template (e.g. 'Towards {a} {b}', '{a} {b}: a {c} approach', 'On {a} for {b}') plus an optional "
-              "tail (e.g. 'at scale'), drawn per user from a skewed population prior; with probability noise an "
-              "item uses a fresh population style. The input gives the terms; only the history shows the style.")
-    shift_rule = "A shifted query is written in the user's second style, which differs from the one their history shows."
-
-    def content(self, rng):
-        a, b, c = rng.sample(V.RESEARCH_TERMS, 3)
-        text = " ".join((rng.choice(V.ABSTRACT_OPENERS), a, rng.choice(V.ABSTRACT_LINKS1), b,
-                         rng.choice(V.ABSTRACT_LINKS2), c, rng.choice(V.ABSTRACT_CLOSERS)))
-        return text, (a, b, c)
-
-    def render(self, style, kws):
-        a, b, c = kws
-        title = style["template"].format(a=a, b=b, c=c) + (" " + style["tail"] if style["tail"] else "")
-        return title[0].upper() + title[1:]
-
-    def item(self, text, gold):
-        return {"abstract": text, "title": gold}
-
-
-class TweetWorld(StyleWorld):
-    task = "LaMP_7"
-    dims = (("opener", V.TWEET_OPENERS), ("form", V.TWEET_FORMS), ("ender", V.TWEET_ENDERS))
-    power = 0.8                # content words dominate ROUGE here; a flatter prior keeps the style gap visible
-    design = ("The input is a neutral statement with 3-5 content words (times, verbs, nouns) among function words. "
-              "The user's tweet keeps the content words (all, the first three or the last three) between the user's opener "
-              "(e.g. 'ugh') and ender (e.g. 'lol', '#blessed'), each drawn per user from a skewed population prior; "
-              "with probability noise a tweet uses a fresh population style. Profile items are the user's earlier "
-              "tweets only, so the history shows the style but never the statements.")
-    shift_rule = "A shifted query is written in the user's second style, which differs from the one their history shows."
-
-    def content(self, rng):
-        pools = {"{t}": list(V.TWEET_TIMES), "{v}": list(V.TWEET_VERBS), "{n}": list(V.TWEET_NOUNS)}
-        words, kws = [], []
-        for tok in rng.choice(V.STATEMENT_TEMPLATES).split():
-            if tok in pools:
-                tok = pools[tok].pop(rng.randrange(len(pools[tok])))
-                kws.append(tok)
-            words.append(tok)
-        return " ".join(words), tuple(kws)
-
-    def render(self, style, kws):
-        body = {"all words": kws, "first three": kws[:3], "last three": kws[-3:]}[style["form"]]
-        return " ".join(p for p in (style["opener"], *body, style["ender"]) if p)
-
-    def item(self, text, gold):
-        return {"text": gold}
 
 
 # ---------------------------------------------------------------- LaMP_1
@@ -422,7 +212,7 @@ class CitationWorld:
         return self._answer(ex.latent, lambda t: (counts.get(t, 0), self.prior[t]))
 
     def card(self):
-        return {"topic_prior": _round(self.prior)}
+        return {"topic_prior": round_prior(self.prior)}
 
 
 def make_world(task: str, rng: random.Random) -> World:
