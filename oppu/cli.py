@@ -174,8 +174,8 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (0 = none)"),
         user_epochs: Optional[int] = typer.Option(None, help="per-user PEFT epochs"),
         user_lr: Optional[float] = typer.Option(None, help="per-user PEFT learning rate"),
-        executor: Optional[str] = typer.Option(None, help="per-user training: inline (one user at a time) | "
-                                                          "batched (many per pass) | local | ray"),
+        executor: Optional[str] = typer.Option(None, help="per-user training through the engine: batched "
+                                                          "(this process, default) | local (processes) | ray"),
         workers: Optional[int] = typer.Option(None, help="training workers for --executor local|ray"),
         ray_address: Optional[str] = typer.Option(None, help="Ray address (--executor ray); omit for a private local Ray"),
         max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (batched|local|ray)"),
@@ -208,8 +208,8 @@ def experiment(name: str = typer.Argument(..., help="methods | peft-types | acti
                buckets: int = typer.Option(3, help="activity / shift on real data: number of buckets"),
                levels: Optional[str] = typer.Option(None, help="cold-start: history sizes; k: depths (comma list)"),
                seed: int = typer.Option(0, help="base seed; per-user seeds are seed, seed+1, ..."),
-               executor: Optional[str] = typer.Option(None, help="per-user training: inline (default) | batched | "
-                                                                 "local | ray"),
+               executor: Optional[str] = typer.Option(None, help="per-user training: batched (default) | local | "
+                                                                 "ray"),
                keep_adapters: bool = typer.Option(False, help="keep every trained adapter under OUT/.work")):
     """Rerun one of the paper's analyses; writes OUT/results.json, OUT/report.md and PNG plots."""
     from oppu.experiments import ExpOptions, run_experiment

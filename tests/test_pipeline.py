@@ -74,33 +74,32 @@ def test_second_run_reuses_cached_base_and_is_deterministic(lora_run, world, tmp
 
 def test_adapter_loads_with_peft_from_pretrained_and_gives_pipeline_predictions(lora_run, world):
     """The saved per-user file, loaded by plain PEFT onto the saved base, reproduces the run."""
-    from peft import PeftModel
+    from peft_reference import peft_generate
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oppu.engine import generate
     from oppu.examples import query_prompt
-    from oppu.pipeline import safe_user_dir
     from oppu.profile import make_profile_fn
+    from oppu.store.files import safe_user_dir
     from oppu.tasks import get_task
 
     task = get_task("LaMP_2M")
     base_dir = lora_run.info["base"]["path"]
     tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.padding_side = "left"
     test, _ = load_lamp_dir(world, "LaMP_2M").split_users(3)
     prof = make_profile_fn(task, "statistical")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
     for u in test:
-        base = AutoModelForCausalLM.from_pretrained(base_dir)
-        pm = PeftModel.from_pretrained(base, str(lora_run.out / "adapters" / safe_user_dir(u.user_id)))
         prompts = [query_prompt(task, u, q, "rag", 2, "bm25", prof) for q in u.queries]
-        texts = generate(pm, tok, prompts, task.max_new_tokens)
+        texts = peft_generate(base, tok, prompts, lora_run.out / "adapters" / safe_user_dir(u.user_id),
+                              task.max_new_tokens)
         for q, t in zip(u.queries, texts):
             assert task.parse(t) == lora_run.predictions["oppu_rag"][q.id]
 
 
 @pytest.mark.parametrize("peft", ["prompt_tuning", "ia3"])
 def test_other_peft_types_train_save_and_predict(peft, world, tmp_path):
-    from oppu.adapters import load_user
+    from peft import PeftModel
+
     from oppu.pipeline import run
     res = run(micro(tmp_path, data=str(world), peft=peft, methods=("non_personalized", "oppu")))
     cfgs = [json.loads(p.read_text()) for p in (res.out / "adapters").glob("*/adapter_config.json")]
@@ -113,7 +112,7 @@ def test_other_peft_types_train_save_and_predict(peft, world, tmp_path):
     ids = tok(["description: x\ntag:"], return_tensors="pt")
     with torch.no_grad():
         before = model(**ids).logits
-        pm = load_user(model, next((res.out / "adapters").iterdir()))
+        pm = PeftModel.from_pretrained(model, str(next((res.out / "adapters").iterdir())))
         after = pm(**ids).logits
     assert not torch.allclose(before[:, -1], after[:, -1])  # prompt tuning prepends virtual tokens
 
@@ -149,8 +148,8 @@ def test_no_adapter_sees_another_users_data(world, tmp_path):
     history changed leaves A's adapter bit-identical, and A's examples use only A's items."""
     from safetensors.torch import load_file
 
-    from oppu.adapters import peft_config, train_user
     from oppu.config import UserTrainConfig
+    from oppu.engine import peft_config, train_users
     from oppu.examples import history_examples
     from oppu.model.base import build_tiny_base, load_base
     from oppu.profile import make_profile_fn
@@ -172,18 +171,19 @@ def test_no_adapter_sees_another_users_data(world, tmp_path):
             assert f"description: {it['description']}" not in e.prompt or it["description"] in \
                 {x["description"] for x in a.history}
 
-    def train_order(users, tag):
-        for u in users:
-            train_user(model, tok, history_examples(task, u, ("plain", "rag", "pag"), 2, "bm25", prof), pcfg,
-                       ucfg, 0, u.user_id, tmp_path / tag / u.user_id, 256)
+    def train_order(users, tag, group):
+        exs = {u.user_id: history_examples(task, u, ("plain", "rag", "pag"), 2, "bm25", prof) for u in users}
+        train_users(model, tok, exs, pcfg, ucfg, 0, tmp_path / tag, 256, max_users_per_batch=group)
         return load_file(tmp_path / tag / a.user_id / "adapter_model.safetensors")
 
-    alone = train_order([a], "alone")
+    alone = train_order([a], "alone", 1)
     b.history[:] = b.history[::-1]  # another user's data changes...
-    after_b = train_order([b, a], "after_b")
+    after_b = train_order([b, a], "after_b", 1)
     assert alone.keys() == after_b.keys()
     for k in alone:
         assert torch.equal(alone[k], after_b[k]), k  # ...and A's adapter does not
+    # trained in the same pass as B (B's rows in the same forwards), A's module is A's up to rounding
+    assert_same_module(train_order([b, a], "beside_b", 2), alone, "fp32", "A beside B")
 
 
 @pytest.mark.parametrize("fixture,task,n", [("lamp_user_based/LaMP_2M", "LaMP_2M", 6),
@@ -205,12 +205,14 @@ def test_bad_config_values_name_the_choices():
         RunConfig(methods=("oppu", "magic"))
     with pytest.raises(ValueError, match="unknown RunConfig key"):
         load_config(None, nonsense=1)
-    with pytest.raises(ValueError, match=r"tokens_per_forward must be >= 1 \(got 2, 16, 0\)"):
+    with pytest.raises(ValueError, match=r"must be >= 1: \{'tokens_per_forward': 0\}"):
         RunConfig(tokens_per_forward=0)
+    with pytest.raises(ValueError, match="valid: batched, local, ray"):
+        RunConfig(executor="inline")
 
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch():
-    from oppu.train import batches
+    from oppu.engine.batching import batches
     lengths = [(i * 37) % 101 for i in range(203)]
     plain = batches(203, 8, 3, seed=5)
     grouped = batches(203, 8, 3, seed=5, lengths=lengths, bucket=4)
@@ -233,22 +235,91 @@ def _assert_same_adapters(dir_a: Path, dir_b: Path) -> None:
                            load_file(dir_a / name / "adapter_model.safetensors"), "fp32", name)
 
 
-def test_batched_executor_trains_in_process_and_matches_inline(lora_run, world, tmp_path):
-    """--executor batched (oppu.multi in this process) == inline one-at-a-time training, same metrics
-    up to what rounding can flip; every user reported, with its losses."""
-    from oppu.pipeline import run
-    cache = str(Path(lora_run.info["base"]["path"]).parent.parent)
-    res = run(micro(tmp_path, data=str(world), cache_dir=cache, executor="batched", max_users_per_batch=3,
-                    methods=("oppu", "oppu_rag", "oppu_pag")))
-    _assert_same_adapters(lora_run.out / "adapters", res.out / "adapters")
-    users = json.loads((res.out / "run.json").read_text())["users"]
-    epochs = json.loads((res.out / "run.json").read_text())["config"]["user_train"]["epochs"]
-    assert users and all(len(u["losses"]) == epochs for u in users.values()), users
+def test_pipeline_adapters_equal_the_peft_reference(lora_run, world, tmp_path):
+    """The pipeline's per-user stage (the engine's batched trainer, 3 users per pass) == training
+    each user alone the paper's way through PEFT (tests/peft_reference.py) on the same examples;
+    every user reported, with its losses, equal to the reference's."""
+    from peft_reference import peft_train_user
+    from safetensors.torch import load_file
+
+    from oppu.engine import peft_config
+    from oppu.examples import history_examples
+    from oppu.model.base import load_base
+    from oppu.profile import make_profile_fn
+    from oppu.store.files import safe_user_dir
+    from oppu.tasks import get_task
+
+    cfg = load_config(None, **{k: v for k, v in lora_run.info["config"].items() if k not in ("base_train", "user_train")})
+    ucfg = type(cfg.user_train)(**lora_run.info["config"]["user_train"])
+    task = get_task("LaMP_2M")
+    model, tok = load_base(lora_run.info["base"]["path"])
+    prof = make_profile_fn(task, "statistical")
+    test, _ = load_lamp_dir(world, "LaMP_2M").split_users(3)
+    users = lora_run.info["users"]
+    assert sorted(users) == sorted(u.user_id for u in test)
+    for u in test:
+        name = safe_user_dir(u.user_id)
+        exs = history_examples(task, u, ("plain", "rag", "pag"), cfg.k, cfg.retriever, prof, cfg.prompt_style)
+        ref = peft_train_user(model, tok, exs, peft_config(cfg.peft, ucfg), ucfg, cfg.seed, u.user_id,
+                              tmp_path / name, cfg.max_prompt_tokens)
+        assert len(users[u.user_id]["losses"]) == ucfg.epochs
+        assert users[u.user_id]["losses"] == pytest.approx(ref, abs=1e-5)
+        assert_same_module(load_file(lora_run.out / "adapters" / name / "adapter_model.safetensors"),
+                           load_file(tmp_path / name / "adapter_model.safetensors"), "fp32", name)
 
 
-def test_local_executor_writes_the_same_adapters_as_inline(lora_run, world, tmp_path):
-    """--executor local (process pool, batched trainer, a step in several forwards) == inline
-    one-at-a-time training."""
+def _assert_same_adapters(dir_a: Path, dir_b: Path) -> None:
+    from safetensors.torch import load_file
+    names = sorted(d.name for d in dir_a.iterdir())
+    assert names and names == sorted(d.name for d in dir_b.iterdir())
+    for name in names:
+        assert_same_module(load_file(dir_b / name / "adapter_model.safetensors"),
+                           load_file(dir_a / name / "adapter_model.safetensors"), "fp32", name)
+
+
+def test_pipeline_adapters_equal_the_peft_reference(lora_run, world, tmp_path):
+    """The pipeline's per-user stage (the engine's batched trainer, 3 users per pass) == training
+    each user alone the paper's way through PEFT (tests/peft_reference.py) on the same examples;
+    every user reported, with its losses, equal to the reference's."""
+    from peft_reference import peft_train_user
+    from safetensors.torch import load_file
+
+    from oppu.engine import peft_config
+    from oppu.examples import history_examples
+    from oppu.model.base import load_base
+    from oppu.profile import make_profile_fn
+    from oppu.store.files import safe_user_dir
+    from oppu.tasks import get_task
+
+    cfg = load_config(None, **{k: v for k, v in lora_run.info["config"].items() if k not in ("base_train", "user_train")})
+    ucfg = type(cfg.user_train)(**lora_run.info["config"]["user_train"])
+    task = get_task("LaMP_2M")
+    model, tok = load_base(lora_run.info["base"]["path"])
+    prof = make_profile_fn(task, "statistical")
+    test, _ = load_lamp_dir(world, "LaMP_2M").split_users(3)
+    users = lora_run.info["users"]
+    assert sorted(users) == sorted(u.user_id for u in test)
+    for u in test:
+        exs = history_examples(task, u, ("plain", "rag", "pag"), cfg.k, cfg.retriever, prof, cfg.prompt_style)
+        ref = peft_train_user(model, tok, exs, peft_config(cfg.peft, ucfg), ucfg, cfg.seed, u.user_id, None,
+                              cfg.max_prompt_tokens)
+        assert len(users[u.user_id]["losses"]) == ucfg.epochs
+        assert users[u.user_id]["losses"] == pytest.approx(ref, abs=1e-5)
+    from tempfile import TemporaryDirectory
+    with TemporaryDirectory() as d:
+        for u in test:
+            exs = history_examples(task, u, ("plain", "rag", "pag"), cfg.k, cfg.retriever, prof, cfg.prompt_style)
+            peft_train_user(model, tok, exs, peft_config(cfg.peft, ucfg), ucfg, cfg.seed, u.user_id,
+                            Path(d) / safe_user_dir(u.user_id), cfg.max_prompt_tokens)
+        for u in test:
+            name = safe_user_dir(u.user_id)
+            assert_same_module(load_file(lora_run.out / "adapters" / name / "adapter_model.safetensors"),
+                               load_file(Path(d) / name / "adapter_model.safetensors"), "fp32", name)
+
+
+def test_local_executor_writes_the_same_adapters_as_in_process(lora_run, world, tmp_path):
+    """--executor local (process pool, the same engine, a step in several forwards) == the
+    in-process batched run."""
 
     from oppu.pipeline import run
     cache = str(Path(lora_run.info["base"]["path"]).parent.parent)

@@ -75,7 +75,7 @@ class ExpOptions:
             parts += ["--seed", str(self.overrides["seed"])]
         if self.overrides.get("user_train.epochs") is not None:
             parts += ["--user-epochs", str(self.overrides["user_train.epochs"])]
-        if self.overrides.get("executor") not in (None, "inline"):
+        if self.overrides.get("executor") not in (None, "batched"):
             parts += ["--executor", str(self.overrides["executor"])]
         if self.keep_adapters:
             parts.append("--keep-adapters")
