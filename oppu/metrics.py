@@ -7,7 +7,7 @@ and rouge_score) without `evaluate`, which cannot load its metrics offline.
     score("LaMP_2M", golds={"1": "comedy"}, preds={"1": " comedy "})
     # {'accuracy': 1.0, 'f1': 0.0666...}   (1 of 15 labels has F1 = 1; the other 14 score 0)
 
-Semantics, quoted from the shared LaMP notes (docs: /work/shared/LAMP.md):
+The rules, as the project's LaMP brief states them (docs/lamp.md: these, with the file formats):
 
   "Classification (LaMP_1, LaMP_2N, LaMP_2M): strip whitespace; exact, case-sensitive match
    against the label list; anything else maps to the invalid class -1. Accuracy over all ids;

@@ -1,6 +1,6 @@
 """Read, validate and write the official LaMP files, exactly as published.
 
-Files (see docs/lamp.md):
+Files (formats and scoring rules: docs/lamp.md):
   {split}_questions.json  [{"id", "input", "profile": [item, ...], "user_id"?}, ...]
   {split}_outputs.json    {"task": "LaMP_N", "golds": [{"id", "output"}, ...]}
 
