@@ -231,7 +231,7 @@ def test_the_recorded_command_reproduces_the_numbers(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     first = json.loads((tmp_path / "a" / "results.json").read_text())
     cmd = first["command"].split()
-    assert cmd[:2] == ["oppu", "experiment"] and cmd[cmd.index("--executor") + 1] == "batched"
+    assert cmd[:2] == ["oppu", "experiment"] and "--executor" not in cmd  # batched is the default: not repeated
     cmd[cmd.index("--out") + 1] = str(tmp_path / "b")
     r = CliRunner().invoke(app, cmd[1:])
     assert r.exit_code == 0, r.output
