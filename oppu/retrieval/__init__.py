@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from oppu.config import RETRIEVERS  # the choice list lives once, in config
 from oppu.retrieval.base import Retriever
-
-RETRIEVERS = ("bm25", "dense", "recency")
 
 __all__ = ["RETRIEVERS", "Retriever", "make_retriever"]
 

@@ -59,7 +59,9 @@ class ServeConfig:
     trainer_base: str = "auto"          # auto | copy | shared (see the module docstring)
     max_batch: int = 32                 # rows per mixed-adapter batch
     max_wait_ms: float = 10.0           # how long the batcher waits to fill a batch
-    max_loaded: int = 256               # users kept warm in the MultiUserModel
+    max_loaded: int = 256               # users kept warm in the serving slots
+    max_train_users: int = 16           # queued jobs trained together in one batched pass
+    train_wait_ms: float = 200.0        # how long the trainer gathers queued jobs into one pass
     max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
     generate_timeout_s: float = 120.0
     shutdown_grace_s: float = 30.0      # how long a shutdown waits for a running training job
@@ -97,7 +99,7 @@ class Service:
                               train_model=train_model)
         self.batcher = Batcher(self.p, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                                on_batch=self.metrics.batch_rows.observe)
-        self.worker = TrainWorker(self.p, cfg.replay)
+        self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000)
         self._jobs_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The training worker: one background thread runs queued train/update jobs, many users per pass.
 
 A job is a row of the store's jobs table (queued -> running -> done | failed). The worker takes
-every job waiting when it wakes (up to `max_jobs`, one per user) and runs them as one batched pass
+the first waiting job and every other one arriving within `max_wait_s` (up to `max_jobs`, one per
+user) and runs them as one batched pass
 of the engine's trainer (`Personalizer.run_jobs`): a user's first adapter from the seeded start,
 an update from the active version on the new items plus a replay sample. Each job's row moves
 and its version is published atomically as soon as that user finishes. The version a job made carries the note "<kind> via job <id>", so `version_of`
@@ -45,9 +46,10 @@ def version_of(store: AdapterStore, job: Job) -> int | None:
 
 
 class TrainWorker:
-    def __init__(self, personalizer: Personalizer, replay: float = 0.5, max_jobs: int = 16,
+    def __init__(self, personalizer: Personalizer, replay: float = 0.5, max_jobs: int = 16, max_wait_s: float = 0.2,
                  on_finish: Callable[[Job, BaseException | None], None] = lambda job, err: None):
         self.p, self.replay, self.max_jobs, self.on_finish = personalizer, replay, max_jobs, on_finish
+        self.max_wait_s = max_wait_s  # after the first job, how long to gather others into its pass
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="oppu-trainer", daemon=True)
         self._closing = threading.Event()
@@ -72,14 +74,16 @@ class TrainWorker:
         return self._q.qsize()
 
     def _take(self) -> list[Job] | None:
-        """The next pass: the first waiting job, plus every other one waiting now (one per user)."""
+        """The next pass: the first waiting job, plus every other one arriving within max_wait_s (one
+        per user, at most max_jobs)."""
         first = self._q.get()
         if first is None or self._closing.is_set():
             return None
         jobs, users, later = [first], {first.user_id}, []
+        deadline = time.monotonic() + self.max_wait_s
         while len(jobs) < self.max_jobs:
             try:
-                j = self._q.get_nowait()
+                j = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if j is None:
