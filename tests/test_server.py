@@ -1,107 +1,20 @@
 """The HTTP service in process (fastapi TestClient) on a micro base: the auth matrix, validation
-errors that name the field, the full create -> history -> train -> generate -> update -> export
--> delete flow, mixed-adapter batches equal to one-user generation, training beside generation,
-job recovery at startup, and the /metrics exposition."""
+errors that name the field, the OpenAPI spec, the /metrics exposition and the user CLI.
+Training and generation flows: tests/test_server_training.py."""
 from __future__ import annotations
 
-import copy
 import json
-import random
 import re
-import threading
-import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
-
-from oppu import crypto  # noqa: E402
-from oppu.config import UserTrainConfig  # noqa: E402
-from oppu.server import ServeConfig, Service, create_app, open_base  # noqa: E402
 from oppu.server.metrics import Histogram  # noqa: E402
 from oppu.store import AdapterStore  # noqa: E402
-from oppu.store.bundle import unpack  # noqa: E402
-from oppu.tasks import get_task  # noqa: E402
-
-TASK = get_task("LaMP_2M")
-ADMIN = "test-admin-token-0123456789"
-A = {"Authorization": f"Bearer {ADMIN}"}
-WORDS = "space robot love city war dream ship crime family future past king magic detective".split()
-UCFG = UserTrainConfig(epochs=2, batch_size=8, lr=5e-3)
-
-
-def items(prefix: str, n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(f"{prefix}{seed}")
-    return [{"id": f"{prefix}{i}", "description": " ".join(rng.choice(WORDS) for _ in range(6)),
-             "tag": rng.choice(TASK.labels[:4])} for i in range(n)]
-
-
-def query(desc: str) -> str:
-    return TASK.instruction.format(description=desc)
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: more threads only contend
-    root = tmp_path_factory.mktemp("bases")
-    model, tok, info = open_base("tiny:micro", "LaMP_2M", root, base_epochs=0)  # the `--base tiny` path
-    assert info["source"] == "tiny:micro" and (root / "bases").is_dir()
-    yield model, tok, info
-    torch.set_num_threads(threads)
-
-
-def make_service(base, root, **kw) -> Service:
-    """A service on its own copy of the pristine base: a running service wraps its base's linears."""
-    model, tok, info = base
-    cfg = ServeConfig(task="LaMP_2M", user_train=UCFG, k=2, max_len=128, **kw)
-    return Service(AdapterStore(root), copy.deepcopy(model), tok, cfg, ADMIN, info)
-
-
-@pytest.fixture(scope="module")
-def svc_client(base, tmp_path_factory):
-    svc = make_service(base, tmp_path_factory.mktemp("store"))
-    with TestClient(create_app(svc)) as c:
-        yield svc, c
-    svc.store.close()
-
-
-@pytest.fixture
-def client(svc_client):
-    return svc_client[1]
-
-
-def new_user(c) -> tuple[str, str]:
-    r = c.post("/v1/users", headers=A)
-    assert r.status_code == 201, r.text
-    return r.json()["user_id"], r.json()["token"]
-
-
-def wait_job(c, job_id: str, headers: dict, timeout: float = 60.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        j = c.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if j["status"] in ("done", "failed"):
-            return j
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {j}")
-
-
-def trained_user(c, n: int = 6, seed: int = 0) -> tuple[str, str]:
-    uid, tok = new_user(c)
-    assert c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": items("h", n, seed)},
-                  headers=bearer(tok)).status_code == 200
-    job = c.post(f"/v1/users/{uid}/train", headers=bearer(tok)).json()
-    assert wait_job(c, job["job_id"], bearer(tok))["status"] == "done"
-    return uid, tok
+from server_common import (A, ADMIN, base, bearer, client, items, new_user, query, svc_client,  # noqa: E402,F401
+                           trained_user, wait_job)
 
 
 # -- auth ----------------------------------------------------------------------------------------
@@ -193,134 +106,6 @@ def test_validation_errors_name_the_problem(client):
     r = client.get("/v1/users/bad%20id/adapter", headers={**A, "X-Oppu-Passphrase": "long enough"})
     assert r.status_code == 422 and r.json()["detail"].startswith("path.user_id: String should match pattern")
     assert client.get(f"/v1/users/{uid}", headers=h).json()["history_items"] == 0  # nothing half-stored
-
-
-# -- the whole flow ------------------------------------------------------------------------------
-def test_full_flow_create_history_train_generate_update_export_delete(svc_client):
-    svc, c = svc_client
-    uid, tok = new_user(c)
-    h = bearer(tok)
-    r = c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": items("a", 6)}, headers=h)
-    assert r.json() == {"user_id": uid, "added": 6, "last_seq": 6}
-    job = c.post(f"/v1/users/{uid}/train", headers=h)
-    assert job.status_code == 202 and job.json()["kind"] == "train" and job.json()["status"] in ("queued", "running")
-    assert c.post(f"/v1/users/{uid}/train", headers=h).status_code in (202, 409)  # 409 while the job is unfinished
-    done = wait_job(c, job.json()["job_id"], h)
-    assert done["status"] == "done" and done["version"] == 1 and done["error"] is None
-    q = query("space robot war ship")
-    g = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": q}, headers=h)
-    assert g.status_code == 200 and g.json()["adapter_version"] == 1
-    assert g.json()["output"] == svc.p.generate(uid, [q]).outputs[0]  # batcher path == one-user path
-    # an incremental update: the server reloads the user's new active version
-    assert c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": items("b", 3)},
-                  headers=h).status_code == 200
-    up = c.post(f"/v1/users/{uid}/train", headers=h).json()
-    assert up["kind"] == "update"
-    assert wait_job(c, up["job_id"], h)["version"] == 2
-    g2 = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": q, "k": 0}, headers=h).json()
-    assert g2["adapter_version"] == 2 and g2["output"] == svc.p.generate(uid, [q], k=0).outputs[0]
-    r = c.post(f"/v1/users/{uid}/train", headers=h)
-    assert r.status_code == 409 and "nothing to update" in r.json()["detail"]
-    info = c.get(f"/v1/users/{uid}", headers=h).json()
-    assert info == {"user_id": uid, "task": "LaMP_2M", "active_version": 2, "versions": [1, 2], "history_items": 9}
-    # export: decrypts with the passphrase to the active version's files and the history
-    ex = c.get(f"/v1/users/{uid}/adapter", headers={**h, "X-Oppu-Passphrase": "correct horse battery"})
-    assert ex.status_code == 200 and ex.headers["content-type"] == "application/octet-stream"
-    assert ex.headers["x-oppu-adapter-version"] == "2"
-    with pytest.raises(crypto.DecryptionError):
-        crypto.decrypt(ex.content, "wrong passphrase")
-    bundle = unpack(crypto.decrypt(ex.content, "correct horse battery"))
-    assert bundle.user_id == uid and bundle.adapter["version"] == 2
-    assert bundle.files == svc.store.read_version_files(uid, 2)
-    assert [it["id"] for _, it in bundle.history] == [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(3)]
-    nohist = c.get(f"/v1/users/{uid}/adapter?history=false", headers={**h, "X-Oppu-Passphrase": "correct horse"})
-    assert unpack(crypto.decrypt(nohist.content, "correct horse")).history is None
-    # delete: the token stops working, the admin sees 404, the adapter leaves the serving model
-    assert c.delete(f"/v1/users/{uid}", headers=h).json() == {"user_id": uid, "deleted": True}
-    assert c.get(f"/v1/users/{uid}", headers=h).status_code == 401
-    for method, path in (("get", f"/v1/users/{uid}"), ("delete", f"/v1/users/{uid}"),
-                         ("post", f"/v1/users/{uid}/train")):
-        assert c.request(method, path, headers=A).status_code == 404
-    assert uid not in svc.batcher.mm.users and not svc.store.has_user(uid)
-    assert uid not in c.get("/metrics").text
-
-
-def test_concurrent_users_share_batches_and_match_single_user_generation(svc_client):
-    svc, c = svc_client
-    users = [trained_user(c, n=4 + i, seed=i) for i in range(4)]
-    qs = [query(" ".join(random.Random(i).sample(WORDS, 4))) for i in range(8)]
-    before = svc.metrics.batch_rows._counts[:]
-    futs = [(uid, q, svc.submit_generate(uid, "LaMP_2M", q)) for uid, _ in users for q in qs[:2]]
-    for uid, q, f in futs:
-        text, version = f.result(timeout=60)
-        assert version == 1 and text == svc.p.generate(uid, [q]).outputs[0], uid
-    after = svc.metrics.batch_rows._counts
-    multi_row_batches = sum(a - b for a, b in zip(after[1:], before[1:]))
-    assert multi_row_batches >= 1  # 8 requests submitted at once did not go one by one
-    # concurrent HTTP requests from several users all succeed
-    out, errs = [], []
-
-    def hit(uid, tok):
-        r = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": qs[0]}, headers=bearer(tok))
-        (out if r.status_code == 200 else errs).append(r.text)
-
-    ts = [threading.Thread(target=hit, args=u) for u in users for _ in range(2)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    assert not errs and len(out) == 8
-
-
-def test_training_runs_beside_generation(base, tmp_path):
-    """The trainer owns a copy of the base: a generate answers while a long job is running."""
-    svc = make_service(base, tmp_path / "store")
-    assert svc.trainer_base == "copy" and svc.p.model is not svc.batcher.mm.base
-    with TestClient(create_app(svc)) as c:
-        uid, tok = trained_user(c)
-        other, _ = new_user(c)
-        c.post(f"/v1/users/{other}/history", json={"task": "LaMP_2M", "items": items("L", 200)}, headers=A)
-        job = c.post(f"/v1/users/{other}/train", headers=A).json()["job_id"]
-        while c.get(f"/v1/jobs/{job}", headers=A).json()["status"] == "queued":
-            time.sleep(0.01)
-        g = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": query("love")}, headers=bearer(tok))
-        status = c.get(f"/v1/jobs/{job}", headers=A).json()["status"]
-        assert g.status_code == 200 and status == "running", status
-        assert wait_job(c, job, A)["status"] == "done"
-    svc.store.close()
-
-
-def test_shared_trainer_base_gives_the_same_answers(base, tmp_path, monkeypatch):
-    """trainer_base="shared" trains on the serving base under the batcher's lock. The user id
-    seeds the module's initialisation, so both services get the same id."""
-    from safetensors.torch import load_file
-    monkeypatch.setattr(AdapterStore, "new_user", lambda self, task=None: self.create_user("same-user", task))
-    answers, tensors = {}, {}
-    for mode in ("shared", "copy"):
-        svc = make_service(base, tmp_path / mode, trainer_base=mode)
-        with TestClient(create_app(svc)) as c:
-            uid, tok = trained_user(c, n=5, seed=7)
-            r = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": query("crime king")},
-                       headers=bearer(tok))
-            answers[mode] = r.json()
-        assert (svc.p.model is svc.batcher.mm.base) == (mode == "shared")
-        (f,) = (tmp_path / mode).rglob("adapter_model.safetensors")
-        tensors[mode] = load_file(str(f))
-        svc.store.close()
-    assert answers["shared"]["adapter_version"] == 1 and answers["shared"] == answers["copy"]
-    assert tensors["shared"].keys() == tensors["copy"].keys()
-    for k, t in tensors["shared"].items():
-        torch.testing.assert_close(t, tensors["copy"][k], rtol=1e-5, atol=1e-6)
-
-
-def test_startup_marks_unfinished_jobs_failed(base, tmp_path):
-    store = AdapterStore(tmp_path / "store")
-    uid = store.new_user()
-    running = store.jobs.create(uid, "train", status="running").job_id
-    store.close()
-    svc = make_service(base, tmp_path / "store")
-    with TestClient(create_app(svc)) as c:
-        j = c.get(f"/v1/jobs/{running}", headers=A).json()
-    assert j["status"] == "failed" and "interrupted" in j["error"] and j["version"] is None
-    svc.store.close()
 
 
 # -- spec and metrics ----------------------------------------------------------------------------
