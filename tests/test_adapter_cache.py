@@ -1,6 +1,7 @@
-"""oppu.adapter_cache: a byte-bounded LRU of adapter tensors that never serves a file changed on disk,
-and bf16 storage that PEFT and MultiUserModel read back. Adapters are written by hand in the PEFT
-file format (no model needed) except for the one PEFT round trip."""
+"""oppu.engine.cache: a byte-bounded LRU of adapter tensors that never serves a file changed on disk,
+and bf16 storage that PEFT and MultiUserModel read back; oppu.engine.serving.Slots: users kept
+loaded (LRU past max_loaded, reloaded when their key changes). Adapters are written by hand in the
+PEFT file format (no model needed) except where a micro base is used (made by oppu.engine)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from oppu.adapter_cache import AdapterCache, fingerprint, save_adapter_as, save_adapter_bf16, tensor_bytes
+from oppu.engine.cache import AdapterCache, fingerprint, save_adapter_as, save_adapter_bf16, tensor_bytes
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -143,37 +144,95 @@ def test_bf16_storage_halves_the_file_and_loads_back(tmp_path):
     assert not [p for p in src.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_bf16_adapter_plugs_into_peft_and_multi_user_model(tmp_path):
-    """A bf16-stored adapter is read by PeftModel.from_pretrained and MultiUserModel into fp32 tensors."""
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """(model, tok) of an untrained micro base (hidden size 64)."""
     import random
 
-    from peft import PeftModel, get_peft_model_state_dict
-
-    from oppu.adapters import attach, detach, peft_config
-    from oppu.config import UserTrainConfig
     from oppu.model.base import build_tiny_base, load_base
-    from oppu.multi import MultiUserModel
-
     rng = random.Random(0)
     words = "alpha beta gamma delta movie drama tag".split()
-    d = build_tiny_base([" ".join(rng.choices(words, k=8)) for _ in range(50)], tmp_path / "base", preset="micro")
-    model, _ = load_base(d)
-    ucfg = UserTrainConfig(lora_r=4)
-    pm = attach(model, peft_config("lora", ucfg), 0, "u")
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.1)
-    pm.save_pretrained(str(tmp_path / "u"))
-    want = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
-    detach(pm)
+    d = build_tiny_base([" ".join(rng.choices(words, k=8)) for _ in range(50)], tmp_path_factory.mktemp("base"),
+                        preset="micro")
+    return load_base(d)
+
+
+def engine_lora(model, out: Path, seed: int, shift: float, rank: int = 4) -> Path:
+    """A LoRA made by oppu.engine (PEFT's seeded start, moved by `shift`), written in the PEFT format."""
+    from oppu.config import UserTrainConfig
+    from oppu.engine import initial_module, peft_config, write_adapter
+    config, state = initial_module(model, peft_config("lora", UserTrainConfig(lora_r=rank)), seed, "u")
+    return write_adapter(out, config, {k: v + shift for k, v in state.items()})
+
+
+def test_bf16_adapter_plugs_into_peft_and_multi_user_model(micro, tmp_path):
+    """A bf16-stored adapter is read by PeftModel.from_pretrained and MultiUserModel into fp32 tensors."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from oppu.engine import MultiUserModel
+    from peft_reference import peft_detach
+
+    model, _ = micro
+    engine_lora(model, tmp_path / "u", 0, 0.1)
+    want = load_file(str(tmp_path / "u" / "adapter_model.safetensors"))
+    pm = PeftModel.from_pretrained(model, str(tmp_path / "u"))   # the fp32 file, as PEFT reads it
+    assert all(torch.equal(v, want[k]) for k, v in get_peft_model_state_dict(pm).items())
+    peft_detach(pm)
     save_adapter_bf16(tmp_path / "u", tmp_path / "u16")
     pm = PeftModel.from_pretrained(model, str(tmp_path / "u16"))
     got = get_peft_model_state_dict(pm)
+    assert got.keys() == want.keys()
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].to(torch.bfloat16).float()) for k in want)
-    detach(pm)
+    peft_detach(pm)
     cache = AdapterCache(max_bytes=1 << 20)
     with MultiUserModel(model) as mm:
         mm.add_user("u", *cache.get(tmp_path / "u16"))
         state = mm.user_state("u")
     assert all(state[k].dtype == torch.float32 and torch.equal(state[k], got[k]) for k in want)
+
+
+def test_serving_slots_reload_evict_drop_and_check(micro, tmp_path):
+    from oppu.engine import read_adapter
+    from oppu.engine.serving import CHECK_USER, Slots
+
+    model, _ = micro
+    a1, a2, b, c = (engine_lora(model, tmp_path / n, i, 0.1 * (i + 1)) for i, n in enumerate(["a1", "a2", "b", "c"]))
+    on_disk = {d: read_adapter(d)[1] for d in (a1, a2, b, c)}
+    cache = AdapterCache(max_bytes=1 << 20)
+    slots = Slots(model, max_loaded=2, cache=cache)
+    try:
+        def holds(uid, d):
+            state = slots.mm.user_state(uid)
+            return state.keys() == on_disk[d].keys() and all(torch.equal(state[k], on_disk[d][k]) for k in state)
+
+        slots.ensure("a", key=1, path=a1)
+        assert holds("a", a1) and slots.key("a") == 1 and len(slots) == 1
+        misses, slot = cache.stats()["misses"], slots.mm.users["a"].slot
+        slots.ensure("a", key=1, path=a2)                  # same key: kept as loaded, no read at all
+        assert holds("a", a1) and cache.stats()["misses"] == misses and cache.stats()["hits"] == 0
+        slots.ensure("a", key=2, path=a2)                  # new key (a new version): reloaded
+        assert holds("a", a2) and slots.key("a") == 2 and slots.mm.users["a"].slot == slot
+        slots.ensure("b", key=1, path=b)
+        slots.ensure("a", key=2, path=a2)                  # touch a: b is now the least recently used
+        slots.ensure("c", key=1, path=c)                   # past max_loaded: b evicted
+        assert set(slots.mm.users) == {"a", "c"} and slots.key("b") is None and len(slots) == 2
+        assert holds("a", a2) and holds("c", c)
+        hits = cache.stats()["hits"]
+        slots.ensure("b", key=1, path=b)                   # back from the cache, no disk read; a evicted
+        assert cache.stats()["hits"] == hits + 1 and set(slots.mm.users) == {"b", "c"} and holds("b", b)
+        slots.drop("c")
+        slots.drop("nobody")                               # dropping an unknown user is a no-op
+        assert set(slots.mm.users) == {"b"} and slots.key("c") is None
+
+        slots.check(a1)                                    # fits: loads and unloads, leaves no user behind
+        bad = write_lora(tmp_path / "bad", 4, hidden=16)   # q_proj of a hidden-16 model; this base has 64
+        with pytest.raises((RuntimeError, ValueError)):
+            slots.check(bad)
+        assert CHECK_USER not in slots.mm.users and set(slots.mm.users) == {"b"} and holds("b", b)
+        slots.ensure("a", key=3, path=a1)                  # the slot the failed check took is usable again
+        assert holds("a", a1) and holds("b", b)
+        with pytest.raises(ValueError, match=">= 1"):
+            Slots(model, max_loaded=0)
+    finally:
+        slots.close()
+    assert not any(type(m).__name__ == "MultiUserLinear" for m in model.modules())

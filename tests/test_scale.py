@@ -1,5 +1,6 @@
-"""oppu.scale on a micro base: the process-pool and Ray executors give the adapters single-process
-oppu.multi.train_users gives, all in one out_dir; shard planning is a pure table."""
+"""oppu.scale on a micro base: the process-pool ("local") and Ray executors give the adapters the
+in-process batched trainer (oppu.engine.train_users, executor "batched") gives, all in one out_dir;
+shard planning is a pure table."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oppu.adapters import peft_config, safe_user_dir
 from oppu.config import UserTrainConfig
+from oppu.engine import peft_config
 from oppu.examples import Example
 from oppu.scale import plan_shards, train_sharded
+from oppu.store.files import safe_user_dir
 
 WORDS = "alpha beta gamma delta movie drama comedy action likes the a of film rating horror story".split()
 USERS = ("u1", "u2", "u/3", "u4")  # "u/3" needs a safe directory name
@@ -46,7 +48,7 @@ def data():
 @pytest.fixture(scope="module")
 def reference(base_dir, data, tmp_path_factory):
     from oppu.model.base import load_base
-    from oppu.multi import train_users
+    from oppu.engine import train_users
     model, tok = load_base(base_dir)
     out = tmp_path_factory.mktemp("single")
     losses = train_users(model, tok, data, peft_config("lora", UCFG), UCFG, SEED, save_root=out, max_len=MAX_LEN,
@@ -101,8 +103,14 @@ def test_plan_shards(sizes, group, want):
 
 def test_bad_arguments_name_the_valid_choices(base_dir, data, tmp_path):
     pcfg = peft_config("lora", UCFG)
-    with pytest.raises(ValueError, match="valid: local, ray"):
+    with pytest.raises(ValueError, match="valid here: local, ray"):
         train_sharded(base_dir, None, data, pcfg, UCFG, SEED, tmp_path, executor="dask")
+    with pytest.raises(ValueError, match="'batched' trains in this process: oppu.engine.train_users"):
+        train_sharded(base_dir, None, data, pcfg, UCFG, SEED, tmp_path, executor="batched")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        train_sharded(base_dir, None, data, pcfg, UCFG, SEED, tmp_path, workers=0)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_sharded(base_dir, None, {**data, "empty": []}, pcfg, UCFG, SEED, tmp_path)
     with pytest.raises(ValueError, match="executor='ray'"):
         train_sharded(base_dir, None, data, pcfg, UCFG, SEED, tmp_path, ray_address="auto")
     with pytest.raises(ValueError, match=">= 1"):
