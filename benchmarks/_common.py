@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: machine details, peak matmul FLOP/s, a synthetic world.
+"""Shared pieces of the benchmark scripts: machine details, peak matmul FLOP/s, a synthetic world,
+and the PEFT baseline arm (the paper's way through PEFT alone, no engine training or decoding code).
 
 Every benchmark prints human-readable lines first and ONE JSON object on its last stdout line
 (what tests/test_benchmarks_smoke.py and docs/benchmarks.md read). Scripts import this file as
@@ -7,10 +8,19 @@ Every benchmark prints human-readable lines first and ONE JSON object on its las
     from _common import machine_info, peak_matmul_flops, world_users, tiny_base
     users, task = world_users(tmp, n_users=64, min_history=36, max_history=44)
     model, tok = tiny_base(tmp / "base", corpus_of(users, task), preset="tiny")
+
+The PEFT baseline (mirrors tests/peft_reference.py, which benchmarks do not import): one user at a
+time, a fresh `get_peft_model` under the user's seed, a plain PyTorch loop (`peft_train_user`) or
+`transformers.Trainer` (`peft_trainer_user`), PEFT's `save_pretrained`; generation through
+`PeftModel` + HF `generate` (`peft_greedy`). Only the data order (oppu.engine.batching.batches) and
+the example encoding are shared with the engine: they decide which examples a step sees, not how
+it computes.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -169,3 +179,173 @@ def mean(xs: Sequence[float]) -> float:
 def emit(result: dict[str, Any]) -> None:
     """The one JSON object, on the last stdout line."""
     print(json.dumps(result, sort_keys=False), flush=True)
+
+
+# -- the PEFT baseline arm ---------------------------------------------------------------------------
+def peft_attach(base, pcfg, seed: int, user_id: str):
+    """A fresh PeftModel for one user, initialised under the user's seed (as the engine's start state)."""
+    from peft import get_peft_model
+
+    from oppu.engine import user_seed
+
+    torch.manual_seed(user_seed(seed, user_id))
+    return get_peft_model(base, copy.deepcopy(pcfg))
+
+
+def peft_detach(pm):
+    """The plain base back out of a PeftModel (PEFT's layers removed)."""
+    base = pm.get_base_model() if pm.peft_config[pm.active_adapter].is_prompt_learning else pm.unload()
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
+    return base
+
+
+def peft_lr(step: int, total: int, lr: float, ratio: float) -> float:
+    """Linear warm-up over int(total * ratio) steps, then cosine to 10% of lr; constant when ratio is 0."""
+    warmup = max(1, int(total * ratio)) if ratio > 0 else 0
+    if not warmup:
+        return lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _device_of(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def peft_train_user(base, tok, examples, pcfg, ucfg, seed: int, user_id: str, save_dir: Path | None,
+                    max_len: int) -> list[float]:
+    """One user the plain way: torch.optim.AdamW, HF's own loss, per-user clipping; returns the
+    per-epoch token-weighted mean losses; with save_dir, PEFT's save_pretrained there."""
+    from oppu.engine import user_seed
+    from oppu.engine.batching import batches, collate, encode
+
+    pm = peft_attach(base, pcfg, seed, user_id)
+    try:
+        dev = _device_of(pm)
+        data = encode(tok, examples, max_len)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=ucfg.lr, weight_decay=ucfg.weight_decay)
+        plan = batches(len(data), ucfg.batch_size, ucfg.epochs, user_seed(seed, user_id))
+        total = sum(len(e) for e in plan)
+        pm.train()
+        step, out = 0, []
+        for epoch in plan:
+            tot, ntok = 0.0, 0
+            for idx in epoch:
+                b = {k: v.to(dev) for k, v in collate([data[i] for i in idx], tok.pad_token_id).items()}
+                for g in opt.param_groups:
+                    g["lr"] = peft_lr(step, total, ucfg.lr, ucfg.warmup_ratio)
+                loss = pm(**b).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, ucfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                n = int((b["labels"][:, 1:] != -100).sum())
+                tot += loss.item() * n
+                ntok += n
+                step += 1
+            out.append(tot / max(1, ntok))
+        pm.eval()
+        if save_dir is not None:
+            pm.save_pretrained(str(save_dir))
+    finally:
+        peft_detach(pm)
+    return out
+
+
+def peft_trainer_user(base, tok, examples, pcfg, ucfg, seed: int, user_id: str, save_dir: Path | None,
+                      max_len: int, device: str, scratch: Path) -> list[float]:
+    """The same user through `transformers.Trainer` (the paper's code path): the same seeded start,
+    data order (a sampler replaying oppu.engine.batching.batches), AdamW, clipping and loss. Trainer's
+    schedule here is constant lr, so this matches peft_train_user only for ucfg.warmup_ratio == 0."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from oppu.engine import user_seed
+    from oppu.engine.batching import batches, collate, encode
+
+    if ucfg.warmup_ratio:
+        raise ValueError("the transformers.Trainer baseline runs a constant lr; use warmup_ratio=0")
+
+    class PlanSampler(torch.utils.data.Sampler):
+        """Yields the batches' order of the epoch Trainer sets (the engine's order)."""
+
+        def __init__(self, plan):
+            self.perms = [[i for b in epoch for i in b] for epoch in plan]
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(self.perms[self.epoch % len(self.perms)])
+
+        def __len__(self):
+            return len(self.perms[0])
+
+    class RecordingTrainer(Trainer):
+        """transformers.Trainer that also records the token-weighted loss of each epoch."""
+
+        def __init__(self, *a, plan, **kw):
+            super().__init__(*a, **kw)
+            self.sampler = PlanSampler(plan)
+            self.sums: dict[int, list[float]] = {}
+
+        def _get_train_sampler(self, train_dataset=None):
+            return self.sampler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            n = int((inputs["labels"][:, 1:] != -100).sum())
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            s = self.sums.setdefault(self.sampler.epoch, [0.0, 0])
+            s[0] += float((loss[0] if return_outputs else loss).detach()) * n
+            s[1] += n
+            return loss
+
+    pm = peft_attach(base, pcfg, seed, user_id)
+    try:
+        data = encode(tok, examples, max_len)
+        args = TrainingArguments(
+            output_dir=str(scratch), num_train_epochs=ucfg.epochs, per_device_train_batch_size=ucfg.batch_size,
+            learning_rate=ucfg.lr, weight_decay=ucfg.weight_decay, optim="adamw_torch",
+            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=ucfg.max_grad_norm, eval_strategy="no",
+            save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
+            use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
+            dataloader_pin_memory=False, remove_unused_columns=False, seed=seed)
+        tr = RecordingTrainer(model=pm, args=args, train_dataset=data,
+                              data_collator=lambda b: collate(b, tok.pad_token_id),
+                              plan=batches(len(data), ucfg.batch_size, ucfg.epochs, user_seed(seed, user_id)))
+        tr.remove_callback(PrinterCallback)  # its end-of-training dict would clutter stdout
+        tr.train()
+        if save_dir is not None:
+            pm.save_pretrained(str(save_dir))
+        return [s / max(1, n) for _, (s, n) in sorted(tr.sums.items())]
+    finally:
+        peft_detach(pm)
+        base.eval()
+
+
+@torch.no_grad()
+def peft_greedy(model, tok, prompts: Sequence[str], max_new_tokens: int, use_cache: bool = True,
+                max_prompt_tokens: int = 384) -> list[str]:
+    """Greedy text for each prompt, one at a time, with HF `generate` on `model` (a PeftModel with its
+    adapter set, or a plain base). PEFT 0.21 + transformers 5 re-prepend prompt tuning's virtual
+    tokens at every cached step, so prompt tuning needs use_cache=False."""
+    from oppu.engine import tokenize_prompts
+
+    model.eval()
+    dev = _device_of(model)
+    out = []
+    for seq in tokenize_prompts(tok, prompts, max_prompt_tokens):
+        ids = torch.tensor([seq], device=dev)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, num_beams=1, use_cache=use_cache)
+        toks = gen[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in toks:
+            toks = toks[:toks.index(tok.eos_token_id)]
+        out.append(tok.decode(toks, skip_special_tokens=True))
+    return out
+

@@ -2,14 +2,17 @@
 
 On a synthetic LaMP_2M world: a fresh tiny base, task-adapted for --base-epochs on the other users
 (so its outputs depend on the prompt), then one --peft module per test user trained with
-oppu.multi.train_users. Reports, on the last stdout line as one JSON object:
+oppu.engine.train_users. Reports, on the last stdout line as one JSON object:
 
-  bytes_per_user     adapter_model.safetensors size per user, fp32 vs bf16 (oppu.adapter_cache.
-                     save_adapter_bf16), for LoRA (the trained ones), IA3 and prompt tuning (fresh)
-  cold_load_ms       read the safetensors + config (oppu.multi.read_adapter) and plug the user into a
+  bytes_per_user     adapter_model.safetensors size per user, fp32 vs bf16 (oppu.engine.cache.
+                     save_adapter_bf16), for LoRA (the trained ones), IA3 and prompt tuning (fresh,
+                     oppu.engine.initial_module + write_adapter)
+  cold_load_ms       read the safetensors + config (oppu.engine.read_adapter) and plug the user into a
                      MultiUserModel slot (add_user); median and p90 over users. "Cold" for oppu: the OS
                      page cache is warm (dropping it would disturb other work on the machine)
-  cache_hit_ms       the same through a warm oppu.adapter_cache.AdapterCache (two stats + add_user)
+  cache_hit_ms       the same through a warm oppu.engine.cache.AdapterCache (two stats + add_user)
+  slots_ensure_ms    the serving path: oppu.engine.serving.Slots.ensure of a user not loaded (LRU with
+                     room for half the users, so each load also evicts), files through that warm cache
   bf16_score         every test user's queries generated with the fp32 and the bf16-stored module:
                      fraction of identical outputs, max |logit difference| of the first generated
                      token, and the task metric of both (and of the base without adapters)
@@ -48,29 +51,44 @@ def load_times(mm, dirs: dict[str, Path], fetch) -> list[float]:
 
 
 def sizes_by_kind(model, ucfg, seed: int, trained: dict[str, Path], tmp: Path) -> dict:
-    from oppu.adapter_cache import save_adapter_bf16
-    from oppu.adapters import attach, detach, peft_config
+    from oppu.engine import initial_module, peft_config, write_adapter
+    from oppu.engine.cache import save_adapter_bf16
 
     out = {}
     for kind in ("lora", "ia3", "prompt_tuning"):
         src = next(iter(trained.values())) if kind == trained["__kind__"] else None
         if src is None:
-            pm = attach(model, peft_config(kind, ucfg), seed, "size")
-            src = tmp / "sizes" / kind
-            pm.save_pretrained(str(src))
-            detach(pm)
+            src = write_adapter(tmp / "sizes" / kind, *initial_module(model, peft_config(kind, ucfg), seed, "size"))
         bf = save_adapter_bf16(src, tmp / "sizes" / f"{kind}-bf16")
         out[kind] = {"fp32_bytes": file_bytes(src), "bf16_bytes": file_bytes(bf),
                      "config_bytes": (src / "adapter_config.json").stat().st_size}
     return out
 
 
+def slots_times(model, dirs: dict[str, Path], cache) -> dict:
+    """The serving path (oppu.engine.serving.Slots, as the Personalizer serves): ensure() of a user not
+    loaded, its files through the warm cache, with half the users' room so every round evicts."""
+    from oppu.engine.serving import Slots
+
+    slots = Slots(model, max_loaded=max(1, len(dirs) // 2), cache=cache)
+    try:
+        times = []
+        for _ in range(2):
+            for uid, d in dirs.items():
+                t0 = time.perf_counter()
+                slots.ensure(uid, key=1, path=d)
+                times.append(time.perf_counter() - t0)
+    finally:
+        slots.close()
+    return ms_stats(times)
+
+
 def bf16_score(mm, tok, task, users, max_new_tokens: int) -> dict:
     """Greedy outputs and first-token logits of every query with the fp32 vs the bf16-stored module."""
-    from oppu.engine import tokenize_prompts
+    from oppu.engine import greedy_rows, tokenize_prompts
+    from oppu.engine.decode import stop_ids
     from oppu.examples import query_prompt
     from oppu.metrics import score
-    from oppu.multi import greedy_rows
 
     rows = [(u.user_id, q) for u in users for q in u.queries]
     prompts = [query_prompt(task, u, q, "plain", 0, "bm25", None) for u in users for q in u.queries]
@@ -78,7 +96,7 @@ def bf16_score(mm, tok, task, users, max_new_tokens: int) -> dict:
     run = {}
     for name, suffix in (("fp32", ""), ("bf16", "@bf16"), ("no_adapter", None)):
         owners = [None if suffix is None else uid + suffix for uid, _ in rows]
-        gen, first = greedy_rows(mm, seqs, owners, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        gen, first = greedy_rows(mm.base, seqs, owners, max_new_tokens, stop_ids(tok), tok.pad_token_id, mm=mm)
         run[name] = ([tok.decode(g, skip_special_tokens=True) for g in gen], first)
     golds = {q.id: q.gold for _, q in rows}
     metric = {name: score(task.id, golds, {q.id: task.parse(t) for (_, q), t in zip(rows, texts)})
@@ -108,12 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from oppu.adapter_cache import AdapterCache, save_adapter_bf16
-    from oppu.adapters import peft_config, safe_user_dir
     from oppu.config import BaseTrainConfig, UserTrainConfig
+    from oppu.engine import MultiUserModel, peft_config, read_adapter, train_users
+    from oppu.engine.cache import AdapterCache, save_adapter_bf16
     from oppu.examples import base_examples, history_examples
     from oppu.model.task_adapt import adapt_base
-    from oppu.multi import MultiUserModel, read_adapter, train_users
+    from oppu.store.files import safe_user_dir
 
     set_threads(args.threads)
     device = resolve(args.device)
@@ -152,12 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
                 mm.add_user(u, *read_adapter(fp32[u]))
                 mm.add_user(u + "@bf16", *read_adapter(bf16[u]))
             score = bf16_score(mm, tok, task, test, args.max_new_tokens)
+        slots = slots_times(model, fp32, cache)
 
     result = {"benchmark": "adapter_io", "users": len(fp32), "peft": args.peft, "preset": args.preset,
               "bytes_per_user": sizes,
               "cold_load_ms": {"fp32": ms_stats(cold32), "bf16": ms_stats(cold16)},
               "cache_hit_ms": {**ms_stats(hit), "get_only": ms_stats(t_get)},
-              "cache": cache.stats(), "bf16_score": score, "machine": machine_info(device)}
+              "slots_ensure_ms": slots, "cache": cache.stats(), "bf16_score": score, "machine": machine_info(device)}
     emit(result)
     return result
 

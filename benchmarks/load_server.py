@@ -1,9 +1,10 @@
 """Bounded load on the personal adapter service: N concurrent clients, each a different user.
 
 Starts `oppu serve` on loopback (any free port) over a fresh store, creates and trains one user
-per client, then every client posts `generate` for its own user as fast as answers come back for
-`--duration` seconds. Concurrent requests of different users are served in mixed-adapter batches,
-so throughput grows with the batch size the batcher manages to fill.
+per client (all train jobs queued at once: the server's worker trains them in batched passes of
+the engine, several users per pass), then every client posts `generate` for its own user as fast
+as answers come back for `--duration` seconds. Concurrent requests of different users are served
+in mixed-adapter batches, so throughput grows with the batch size the batcher manages to fill.
 
     python benchmarks/load_server.py                                   # 32 clients x 60 s, tiny base
     python benchmarks/load_server.py --clients 8 --duration 10         # quick

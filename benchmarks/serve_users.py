@@ -3,23 +3,27 @@
 --users users each send one request (the plain prompt of their first query in a synthetic
 LaMP_2M world), all arriving at t=0, for each PEFT type (LoRA, IA3, prompt tuning):
 
-  mixed         oppu.multi.generate_with on a MultiUserModel holding every user's module: one
-                batch, a different user on every row. Each request's latency = the batch's time.
+  mixed         oppu.engine.generate on a MultiUserModel holding every user's module (read_adapter +
+                add_user): one batch, a different user on every row. Each request's latency = the
+                batch's time.
   adapter_swap  one PeftModel with every user's adapter loaded (`load_adapter`), then for each
-                user in turn `set_adapter` + `generate` (oppu.engine.generate). A request's latency
-                counts the queue: the time until that user's generate finished.
+                user in turn `set_adapter` + PEFT's own HF `generate` (benchmarks/_common.py
+                peft_greedy: the PEFT baseline, no engine decoding code). A request's latency counts the
+                queue: the time until that user's generate finished.
   peft_adapter_names  (LoRA only, for reference) PEFT's own mixed batch: one `generate` with
                 `adapter_names=[one per row]`; PEFT has no such path for IA3 or prompt tuning.
 
-Adapters are seeded PEFT initialisations pushed away from identity with seeded noise (throughput
-does not depend on training them); the base is a freshly built tiny Llama. Greedy decoding, up to
---max-new-tokens. tokens/s = generated tokens (the outputs re-tokenized) / wall time; each arm is
-timed --repeats times after a warm-up and the fastest run is kept (the cores are shared).
+Adapters are seeded PEFT initialisations (oppu.engine.initial_module) pushed away from identity with
+seeded noise and saved in the PEFT format (write_adapter); throughput does not depend on training
+them. The base is a freshly built tiny Llama. Greedy decoding, up to --max-new-tokens. tokens/s =
+generated tokens (the outputs re-tokenized) / wall time; each arm is timed --repeats times after a
+warm-up and the fastest run is kept (the cores are shared).
 `outputs_identical` is the fraction of requests whose text is the same in both arms; `cpu_s` (this
 process's CPU time, one torch thread) and `ratio_vs_adapter_swap_cpu` are steadier on shared cores.
 
-On this stack PEFT's cached generate is wrong for prompt tuning (see oppu/engine.py), so the swap
-arm decodes prompt tuning without a KV cache; that is what PEFT offers here, and it is slower.
+On this stack PEFT's cached generate is wrong for prompt tuning (PEFT 0.21 + transformers 5 re-prepend
+the virtual tokens at every cached step), so the swap arm decodes prompt tuning without a KV cache;
+that is what PEFT offers here, and it is slower.
 
     python benchmarks/serve_users.py                         # 32 users, lora + ia3 + prompt_tuning
     python benchmarks/serve_users.py --users 4 --preset micro --max-new-tokens 4
@@ -34,27 +38,24 @@ from pathlib import Path
 
 import torch
 
-from _common import (corpus_of, emit, machine_info, percentile, plain_examples, query_prompts, resolve, set_threads,
-                     sync, timed, timed_cpu, tiny_base, world_users)
+from _common import (corpus_of, emit, machine_info, peft_greedy, percentile, plain_examples, query_prompts, resolve,
+                     set_threads, sync, timed, timed_cpu, tiny_base, world_users)
 
 KINDS = ("lora", "ia3", "prompt_tuning")
 
 
 def make_adapters(model, kind: str, uids: list[str], ucfg, seed: int, root: Path) -> dict[str, Path]:
-    """A seeded PEFT module per user, moved off identity by seeded noise, saved by PEFT."""
-    from oppu.adapters import attach, detach, peft_config, safe_user_dir, user_seed
+    """A seeded PEFT module per user, moved off identity by seeded noise, saved in the PEFT format."""
+    from oppu.engine import initial_module, peft_config, user_seed, write_adapter
+    from oppu.store.files import safe_user_dir
 
-    dirs = {}
+    dirs, pcfg = {}, peft_config(kind, ucfg)
     for uid in uids:
-        pm = attach(model, peft_config(kind, ucfg), seed, uid)
+        config, state = initial_module(model, pcfg, seed, uid)
         g = torch.Generator().manual_seed(user_seed(seed + 1, uid))
-        with torch.no_grad():
-            for p in pm.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g).to(p) * (0.3 if kind == "prompt_tuning" else 0.1))
-        dirs[uid] = root / kind / safe_user_dir(uid)
-        pm.save_pretrained(str(dirs[uid]))
-        detach(pm)
+        scale = 0.3 if kind == "prompt_tuning" else 0.1
+        state = {k: v + torch.randn(v.shape, generator=g).to(v) * scale for k, v in state.items()}
+        dirs[uid] = write_adapter(root / kind / safe_user_dir(uid), config, state, str(model.name_or_path))
     return dirs
 
 
@@ -82,16 +83,19 @@ def arm_stats(tok, outs: list[str], finish: list[float], wall: float, cpu: float
 
 
 def mixed_arm(base_dir: Path, dirs: dict, prompts: list[str], uids: list[str], args, device: str) -> dict:
+    from oppu.engine import MultiUserModel, generate, read_adapter
     from oppu.model.base import load_base
-    from oppu.multi import MultiUserModel, generate_with
 
     model, tok = load_base(base_dir, device=device)
     with MultiUserModel(model) as mm:
-        _, load_s = timed(lambda: mm.load_users(dirs), device)
-        generate_with(mm, tok, prompts[:2], uids[:2], args.max_new_tokens)  # warm-up
+        def load_all():
+            for u in uids:
+                mm.add_user(u, *read_adapter(dirs[u]))
+        _, load_s = timed(load_all, device)
+        generate(model, tok, prompts[:2], args.max_new_tokens, users=uids[:2], mm=mm)  # warm-up
 
         def run():
-            outs = generate_with(mm, tok, prompts, uids, args.max_new_tokens, batch_size=len(prompts))
+            outs = generate(model, tok, prompts, args.max_new_tokens, users=uids, mm=mm, batch_size=len(prompts))
             sync(device)
             return outs, None
         outs, _, wall, cpu = best_of(args.repeats, run, device)
@@ -101,7 +105,6 @@ def mixed_arm(base_dir: Path, dirs: dict, prompts: list[str], uids: list[str], a
 def swap_arm(base_dir: Path, dirs: dict, prompts: list[str], uids: list[str], args, device: str) -> dict:
     from peft import PeftModel
 
-    from oppu.engine import generate
     from oppu.model.base import load_base
 
     model, tok = load_base(base_dir, device=device)
@@ -113,14 +116,15 @@ def swap_arm(base_dir: Path, dirs: dict, prompts: list[str], uids: list[str], ar
         return pm
     pm, load_s = timed(load, device)
     pm.eval()
+    use_cache = not pm.peft_config[uids[0]].is_prompt_learning
     pm.set_adapter(uids[0])
-    generate(pm, tok, prompts[:1], args.max_new_tokens)  # warm-up
+    peft_greedy(pm, tok, prompts[:1], args.max_new_tokens, use_cache)  # warm-up
 
     def run():
         outs, finish, t0 = [], [], time.perf_counter()
         for u, p in zip(uids, prompts):
             pm.set_adapter(u)
-            outs.append(generate(pm, tok, [p], args.max_new_tokens)[0])
+            outs.append(peft_greedy(pm, tok, [p], args.max_new_tokens, use_cache)[0])
             sync(device)
             finish.append(time.perf_counter() - t0)
         return outs, finish
@@ -132,7 +136,7 @@ def adapter_names_arm(base_dir: Path, dirs: dict, prompts: list[str], uids: list
     """PEFT's own LoRA mixed batch (`adapter_names`), one generate for all requests."""
     from peft import PeftModel
 
-    from oppu.engine import left_pad, tokenize_prompts
+    from oppu.engine.batching import left_pad, tokenize_prompts
     from oppu.model.base import load_base
 
     model, tok = load_base(base_dir, device=device)

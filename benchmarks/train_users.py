@@ -4,10 +4,12 @@ Both arms train the same users, on the same examples, from the same seeded initi
 the same data order, epochs, batch size, lr, AdamW (no warm-up, constant lr, grad-norm clip 1.0)
 and loss (target tokens only), on the same freshly built base:
 
-  batched     oppu.multi.train_users: up to --max-users-per-batch users share every forward and
+  batched     oppu.engine.train_users: up to --max-users-per-batch users share every forward and
               backward (one row -> slot index; each user's gradient is its solo gradient)
-  sequential  for each user: a fresh `get_peft_model` + `transformers.Trainer` (the paper's way),
-              one user after another; the dataset is oppu.train.encode's, collated by oppu.train.collate
+  sequential  for each user: a fresh `get_peft_model` + `transformers.Trainer` (the paper's way,
+              --baseline trainer, the default) or a plain PyTorch loop (--baseline loop), one user
+              after another (benchmarks/_common.py, the PEFT baseline arm: no engine training code;
+              the examples are oppu.engine.batching's encoding, in its data order)
 
 The arms alternate every --chunk-users users (and take turns going first), so on shared cores
 both see the same drift in load; each arm's time is the sum over its chunks. Each arm also
@@ -18,12 +20,16 @@ line is one JSON object: users_per_hour of each arm, ratio_vs_sequential_peft, b
 losses (mean over users of the last epoch's token-weighted loss) and their relative difference,
 achieved FLOP/s and MFU, machine details.
 
-FLOPs: `flops_per_s` = 6 * N * tokens / wall (the standard forward + backward count; N = params of every
-nn.Linear incl. lm_head, tokens = every non-pad training token over all epochs); mfu = flops_per_s /
-peak, peak = the best fp32 [n, n] @ [n, n] matmul FLOP/s measured in the same run. With a
-frozen base there are no weight gradients, so the matmul work really done is ~4 * N * tokens
-(forward + input gradients); `mfu_4n` reports that. Attention-score FLOPs and the adapters' own
-(rank 8) FLOPs are left out of both; the batched arm also skips the lm_head on non-target positions.
+FLOPs: the base is frozen, so training does a forward (2·N FLOPs per token) and the gradients of
+the activations (another 2·N), but no weight gradients (the 2·N a full fine-tune adds):
+
+    flops_per_s = 4 * N * tokens / wall      mfu    = flops_per_s / peak
+    flops_per_s_6n = 6 * N * tokens / wall   mfu_6n = flops_per_s_6n / peak   (the usual full-training count)
+
+N = params of every nn.Linear incl. lm_head, tokens = every non-pad training token over all
+epochs, peak = the best fp32 [n, n] @ [n, n] matmul FLOP/s measured in the same run. `mfu_4n`
+repeats `mfu` (its name before `mfu` became the 4N figure). Attention-score FLOPs and the adapters'
+own (rank 8) FLOPs are left out of both; the batched arm also skips the lm_head on non-target positions.
 
     python benchmarks/train_users.py                       # 64 users, tiny base, defaults below
     python benchmarks/train_users.py --users 4 --preset micro --epochs 1   # seconds
@@ -31,83 +37,30 @@ frozen base there are no weight gradients, so the matmul work really done is ~4 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from _common import (corpus_of, emit, machine_info, matmul_params, mean, peak_matmul_flops, plain_examples, resolve,
-                     set_threads, timed_cpu, tiny_base, world_users)
+from _common import (corpus_of, emit, machine_info, matmul_params, mean, peak_matmul_flops, peft_train_user,
+                     peft_trainer_user, plain_examples, resolve, set_threads, timed_cpu, tiny_base, world_users)
 
 
 def sequential_peft(model, tok, examples: dict, pcfg, ucfg, seed: int, max_len: int, out: Path | None,
-                    device: str) -> dict[str, list[float]]:
-    """The paper's way: one fresh PeftModel + transformers.Trainer per user, one user after another."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
-
-    from oppu.adapters import attach, detach, safe_user_dir, user_seed
-    from oppu.train import batches, collate, encode
-
-    class PlanSampler(torch.utils.data.Sampler):
-        """Yields oppu.train.batches' order for the epoch Trainer sets (the batched arm's order)."""
-
-        def __init__(self, plan):
-            self.perms = [[i for b in epoch for i in b] for epoch in plan]
-            self.epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            return iter(self.perms[self.epoch % len(self.perms)])
-
-        def __len__(self):
-            return len(self.perms[0])
-
-    class RecordingTrainer(Trainer):
-        """transformers.Trainer that also records the token-weighted loss of each epoch."""
-
-        def __init__(self, *a, plan, **kw):
-            super().__init__(*a, **kw)
-            self.sampler = PlanSampler(plan)
-            self.sums: dict[int, list[float]] = {}
-
-        def _get_train_sampler(self, train_dataset=None):
-            return self.sampler
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            n = int((inputs["labels"][:, 1:] != -100).sum())
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            s = self.sums.setdefault(self.sampler.epoch, [0.0, 0])
-            s[0] += float((loss[0] if return_outputs else loss).detach()) * n
-            s[1] += n
-            return loss
+                    device: str, baseline: str = "trainer") -> dict[str, list[float]]:
+    """The paper's way: one fresh PeftModel per user (transformers.Trainer or a plain loop), in turn."""
+    from oppu.store.files import safe_user_dir
 
     losses = {}
     with tempfile.TemporaryDirectory() as scratch:
         for uid, exs in examples.items():
-            pm = attach(model, copy.deepcopy(pcfg), seed, uid)
-            try:
-                data = encode(tok, exs, max_len)
-                args = TrainingArguments(
-                    output_dir=scratch, num_train_epochs=ucfg.epochs, per_device_train_batch_size=ucfg.batch_size,
-                    learning_rate=ucfg.lr, weight_decay=ucfg.weight_decay, optim="adamw_torch",
-                    lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, eval_strategy="no",
-                    save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-                    use_cpu=not device.startswith("cuda"), dataloader_num_workers=0,
-                    dataloader_pin_memory=False, remove_unused_columns=False, seed=seed)
-                tr = RecordingTrainer(model=pm, args=args, train_dataset=data,
-                                      data_collator=lambda b: collate(b, tok.pad_token_id),
-                                      plan=batches(len(data), ucfg.batch_size, ucfg.epochs, user_seed(seed, uid)))
-                tr.remove_callback(PrinterCallback)  # its end-of-training dict would clutter stdout
-                tr.train()
-                losses[uid] = [s / max(1, n) for _, (s, n) in sorted(tr.sums.items())]
-                if out is not None:
-                    pm.save_pretrained(str(out / safe_user_dir(uid)))
-            finally:
-                detach(pm)
+            save = out / safe_user_dir(uid) if out is not None else None
+            if baseline == "trainer":
+                losses[uid] = peft_trainer_user(model, tok, exs, pcfg, ucfg, seed, uid, save, max_len, device,
+                                                Path(scratch))
+            else:
+                losses[uid] = peft_train_user(model, tok, exs, pcfg, ucfg, seed, uid, save, max_len)
     model.eval()
     return losses
 
@@ -119,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--peft", default="lora", choices=("lora", "ia3", "prompt_tuning"))
+    ap.add_argument("--baseline", default="trainer", choices=("trainer", "loop"),
+                    help="sequential arm: PEFT + transformers.Trainer (the paper's way) or PEFT + a plain loop")
     ap.add_argument("--max-users-per-batch", type=int, default=16)
     ap.add_argument("--tokens-per-forward", type=int, default=None,
                     help="batched arm: padded tokens per forward/backward chunk (default: oppu's)")
@@ -135,11 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from oppu.adapters import peft_config
-    from oppu.config import UserTrainConfig
-    from oppu.multi import train_users
-    from oppu.config import TOKENS_PER_FORWARD
-    from oppu.train import encode
+    from oppu.config import TOKENS_PER_FORWARD, UserTrainConfig
+    from oppu.engine import encode, peft_config, train_users
 
     set_threads(args.threads)
     tpf = args.tokens_per_forward or TOKENS_PER_FORWARD
@@ -162,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         warm = {first: examples[first][:2 * args.batch_size]}
         wcfg = UserTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr)
         train_users(model, tok, warm, peft_config(args.peft, wcfg), wcfg, args.seed, max_len=args.max_len)
-        sequential_peft(model, tok, warm, peft_config(args.peft, wcfg), wcfg, args.seed, args.max_len, None, device)
+        sequential_peft(model, tok, warm, peft_config(args.peft, wcfg), wcfg, args.seed, args.max_len, None, device,
+                        args.baseline)
 
         def run_batched(chunk):
             return train_users(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed,
@@ -171,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def run_sequential(chunk):
             return sequential_peft(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed, args.max_len,
-                                   tmp / "sequential", device)
+                                   tmp / "sequential", device, args.baseline)
 
         # On shared cores the load drifts over minutes: alternate the arms chunk by chunk (who goes
         # first alternates too) so both see the same drift; --chunk-users 0 runs each arm in one go.
@@ -187,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                 losses[name].update(res)
                 wall[name] += w
                 cpu[name] += c
-            print(f"users {i + len(chunk)}/{len(uids)}: batched {wall['b']:.1f}s, sequential PEFT + Trainer "
-                  f"{wall['s']:.1f}s", file=sys.stderr)
+            print(f"users {i + len(chunk)}/{len(uids)}: batched {wall['b']:.1f}s, sequential PEFT "
+                  f"({args.baseline}) {wall['s']:.1f}s", file=sys.stderr)
         batched, seq, t_b, t_s = losses["b"], losses["s"], wall["b"], wall["s"]
 
     final_b = mean([v[-1] for v in batched.values()])
@@ -196,20 +149,23 @@ def main(argv: list[str] | None = None) -> dict:
     f6, f4 = 6 * n_mm * tokens, 4 * n_mm * tokens
 
     def arm(t: float) -> dict:
+        mfu = round(f4 / t / peak, 4)
         return {"wall_s": round(t, 2), "users_per_hour": round(len(examples) / t * 3600, 1),
-                "flops_per_s": round(f6 / t), "mfu": round(f6 / t / peak, 4), "mfu_4n": round(f4 / t / peak, 4)}
+                "flops_per_s": round(f4 / t), "mfu": mfu, "mfu_4n": mfu,
+                "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4)}
     result = {
         "benchmark": "train_users", "users": len(examples), "peft": args.peft, "preset": args.preset,
-        "epochs": args.epochs, "batch_size": args.batch_size, "max_users_per_batch": args.max_users_per_batch,
-        "tokens_per_forward": tpf,
-        "chunk_users": args.chunk_users,
+        "baseline": args.baseline, "epochs": args.epochs, "batch_size": args.batch_size,
+        "max_users_per_batch": args.max_users_per_batch, "tokens_per_forward": tpf, "chunk_users": args.chunk_users,
         "examples": sum(map(len, examples.values())), "train_tokens": tokens, "matmul_params": n_mm,
         "batched": {**arm(t_b), "cpu_s": round(cpu["b"], 2), "final_loss": round(final_b, 5)},
         "sequential_peft": {**arm(t_s), "cpu_s": round(cpu["s"], 2), "final_loss": round(final_s, 5)},
         "ratio_vs_sequential_peft": round(t_s / t_b, 3),
         "ratio_vs_sequential_peft_cpu": round(cpu["s"] / cpu["b"], 3),
         "final_loss_rel_diff": round(abs(final_b - final_s) / abs(final_s), 6),
-        "peak_matmul_flops": round(peak), "flops_formula": "6*N*tokens (mfu), 4*N*tokens (mfu_4n); N=nn.Linear params",
+        "peak_matmul_flops": round(peak),
+        "flops_formula": "4*N*tokens (flops_per_s, mfu = mfu_4n: forward + input gradients of a frozen base), "
+                         "6*N*tokens (flops_per_s_6n, mfu_6n: with weight gradients); N=nn.Linear params",
         "machine": machine_info(device),
     }
     emit(result)

@@ -1,8 +1,8 @@
 """Every benchmark script runs at a tiny size and ends with one JSON object with its required keys.
 
 One subprocess runs each script in turn as __main__ (runpy, its own argv, its stdout captured), so
-torch/transformers/peft are imported once rather than three times: on 2 shared cores that import
-is most of a tiny run's cost."""
+torch/transformers/peft are imported once rather than once per script: on 2 shared cores that
+import is most of a tiny run's cost. (load_server starts its own `oppu serve` process.)"""
 from __future__ import annotations
 
 import json
@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "train_users": ["--users", "4", "--preset", "micro", "--epochs", "1", "--min-history", "6", "--max-history", "10",
-                    "--peak-size", "256"],
-    "serve_users": ["--users", "4", "--preset", "micro", "--max-new-tokens", "4", "--repeats", "1"],
-    "adapter_io": ["--users", "4", "--preset", "micro", "--epochs", "1", "--base-epochs", "0", "--other-users", "4"],
+TINY_TRAIN = ["--users", "4", "--preset", "micro", "--epochs", "1", "--min-history", "6", "--max-history", "10",
+              "--peak-size", "256"]
+RUNS = {  # run name -> (script, argv)
+    "train_users": ("train_users", TINY_TRAIN),
+    "train_users_loop": ("train_users", [*TINY_TRAIN, "--baseline", "loop"]),
+    "serve_users": ("serve_users", ["--users", "4", "--preset", "micro", "--max-new-tokens", "4", "--repeats", "1"]),
+    "adapter_io": ("adapter_io", ["--users", "4", "--preset", "micro", "--epochs", "1", "--base-epochs", "0",
+                                  "--other-users", "4"]),
+    "load_server": ("load_server", ["--clients", "2", "--duration", "1", "--base", "tiny:micro", "--threads", "1",
+                                    "--history", "4", "--user-epochs", "1"]),
 }
 MACHINE = {"cpu_model", "cpu_cores", "torch_threads", "torch", "cuda_device", "device"}
 
@@ -28,9 +33,9 @@ import contextlib, io, json, runpy, sys, traceback
 root, runs = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, root + "/benchmarks")
 out = {}
-for name, args in runs.items():
+for name, (script, args) in runs.items():
     buf = io.StringIO()
-    sys.argv = [root + "/benchmarks/" + name + ".py", *args]
+    sys.argv = [root + "/benchmarks/" + script + ".py", *args]
     try:
         with contextlib.redirect_stdout(buf):
             runpy.run_path(sys.argv[0], run_name="__main__")
@@ -44,8 +49,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), json.dumps(TINY)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), json.dumps(RUNS)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -54,17 +59,23 @@ def _result(runs, name: str) -> dict:
     r = runs[name]
     assert r["rc"] == 0, r["error"]
     res = json.loads(r["stdout"].strip().splitlines()[-1])  # the last stdout line
-    assert res["benchmark"] == name and MACHINE <= set(res["machine"])
+    assert res["benchmark"] == RUNS[name][0] and MACHINE <= set(res["machine"])
     return res
 
 
-def test_train_users(runs):
-    res = _result(runs, "train_users")
-    assert res["users"] == 4
+@pytest.mark.parametrize("name,baseline", [("train_users", "trainer"), ("train_users_loop", "loop")])
+def test_train_users(runs, name, baseline):
+    res = _result(runs, name)
+    assert res["users"] == 4 and res["baseline"] == baseline
     for arm in ("batched", "sequential_peft"):
-        assert {"users_per_hour", "final_loss", "flops_per_s", "mfu", "wall_s"} <= set(res[arm])
-        assert res[arm]["users_per_hour"] > 0 and 0 < res[arm]["mfu"]
+        r = res[arm]
+        assert {"users_per_hour", "final_loss", "flops_per_s", "mfu", "mfu_6n", "wall_s"} <= set(r)
+        assert r["users_per_hour"] > 0 and 0 < r["mfu"]
+        # mfu counts 4N FLOPs per token (frozen base: forward + input gradients), mfu_6n the usual 6N
+        assert r["flops_per_s_6n"] == pytest.approx(1.5 * r["flops_per_s"], rel=1e-6)
+        assert abs(r["mfu"] - r["mfu_6n"] * 2 / 3) <= 1e-4 and r["mfu_4n"] == r["mfu"]
     assert {"ratio_vs_sequential_peft", "final_loss_rel_diff", "peak_matmul_flops", "flops_formula"} <= set(res)
+    assert res["flops_formula"].startswith("4*N*tokens (flops_per_s, mfu")
     # same init, data order and optimizer in both arms: the same training, to float tolerance
     assert res["final_loss_rel_diff"] < 1e-3
 
@@ -86,6 +97,14 @@ def test_adapter_io(runs):
     for kind, b in res["bytes_per_user"].items():
         assert 0 < b["bf16_bytes"] < b["fp32_bytes"], kind
     assert {"fp32", "bf16"} <= set(res["cold_load_ms"]) and "median_ms" in res["cache_hit_ms"]
+    assert "median_ms" in res["slots_ensure_ms"]
     assert res["cache"]["hits"] > 0 and res["cache"]["bytes"] <= res["cache"]["max_bytes"]
     s = res["bf16_score"]
     assert {"outputs_identical", "max_abs_logit_diff", "metric"} <= set(s) and 0 <= s["outputs_identical"] <= 1
+
+
+def test_load_server(runs):
+    res = _result(runs, "load_server")
+    assert res["clients"] == 2 and res["errors"] == 0 and res["requests"] > 0
+    assert {"p50", "p90", "p99"} <= set(res["latency_ms"]) and res["latency_ms"]["p50"] <= res["latency_ms"]["p99"]
+    assert res["throughput_rps"] > 0 and res["mean_batch_rows"] >= 1

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from lifecycle_common import PASS, QUERIES, SEED, assert_clean, base, make_items, p, snapshot, trained_user  # noqa: F401
+from lifecycle_common import (PASS, QUERIES, SEED, assert_clean, base, make_items, p, snapshot,  # noqa: F401
+                              trained_user)
 from oppu import crypto
 from oppu.store import ADAPTER_FILES, UserExists
 from oppu.store.bundle import BundleError, pack, unpack
