@@ -63,6 +63,16 @@ class _Plan:
     order_seed: int | None = None
 
 
+def _shape_groups(plans: dict[str, _Plan]) -> list[list[str]]:
+    """Users whose modules have the same tensor shapes (fresh ones share the run's config), in order:
+    a pass stacks its users' tensors, so a module of another rank or other targets gets its own."""
+    groups: dict[Any, list[str]] = {}
+    for uid, pl in plans.items():
+        key = "fresh" if pl.start is None else tuple(sorted((k, tuple(v.shape)) for k, v in pl.start[1].items()))
+        groups.setdefault(key, []).append(uid)
+    return list(groups.values())
+
+
 def _meta(exs, mode: str) -> dict[str, Any]:
     return {"mode": mode, "examples": len(exs), "sources": list(dict.fromkeys(e.source for e in exs))}
 
@@ -140,16 +150,18 @@ class Lifecycle:
             except BaseException as e:  # e.g. the user was deleted meanwhile
                 results[pl.job_id] = self._failed(pl.job_id, e)
 
-        try:
-            self.train_modules({u: pl.examples for u, pl in plans.items()}, publish,
-                               start={u: pl.start for u, pl in plans.items() if pl.start is not None},
-                               order_seeds={u: pl.order_seed for u, pl in plans.items() if pl.order_seed is not None})
-        except BaseException as e:
-            for pl in plans.values():
-                if pl.job_id not in results:
-                    results[pl.job_id] = self._failed(pl.job_id, e)
-            if not isinstance(e, Exception):
-                raise
+        for group in _shape_groups(plans):  # modules of one shape share a pass (and its stacked tensors)
+            try:
+                self.train_modules({u: plans[u].examples for u in group}, publish,
+                                   start={u: plans[u].start for u in group if plans[u].start is not None},
+                                   order_seeds={u: plans[u].order_seed for u in group
+                                                if plans[u].order_seed is not None})
+            except BaseException as e:
+                for u in group:
+                    if plans[u].job_id not in results:
+                        results[plans[u].job_id] = self._failed(plans[u].job_id, e)
+                if not isinstance(e, Exception):
+                    raise
         return results
 
     def _failed(self, job_id: str, e: BaseException) -> BaseException:

@@ -12,6 +12,7 @@ are shared on purpose: they define which examples a step sees, not how it comput
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -52,7 +53,13 @@ def peft_train_user(base, tok, examples, pcfg, ucfg, seed: int, user_id: str, sa
     start_dir continues a saved adapter (PeftModel.from_pretrained, trainable)."""
     from peft import PeftModel
 
-    if start_dir is not None:
+    if start_dir is not None and json.loads((Path(start_dir) / "adapter_config.json").read_text())["peft_type"] \
+            == "PROMPT_TUNING":  # PEFT 0.21 refuses is_trainable for prompt learning: a fresh module, saved tensors
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        pm = peft_attach(base, pcfg, seed, user_id)
+        set_peft_model_state_dict(pm, load_file(str(Path(start_dir) / "adapter_model.safetensors")))
+    elif start_dir is not None:
         pm = PeftModel.from_pretrained(base, str(start_dir), is_trainable=True)
     else:
         pm = peft_attach(base, pcfg, seed, user_id)

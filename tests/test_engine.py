@@ -41,27 +41,10 @@ def data():
 
 
 def _peft_resume(model, tok, kind: str, exs, ucfg, u: str, start: Path | None, out: Path) -> list[float]:
-    """peft_train_user(start_dir=start, order_seed=ORDER[u]). PEFT refuses to load a prompt-learning
-    adapter as trainable (PeftModel.from_pretrained(is_trainable=True) raises), so for prompt tuning
-    the reference continues from PEFT's fresh module with the saved state put in by PEFT's own
-    set_peft_model_state_dict."""
-    import peft_reference
-    if start is None or TRAIN_KINDS[kind][0] != "prompt_tuning":
-        return peft_train_user(model, tok, exs, pcfg_of(kind), ucfg, SEED, u, out, MAX_LEN, start_dir=start,
-                               order_seed=ORDER[u])
-    from peft import set_peft_model_state_dict
-    fresh = peft_reference.peft_attach
-
-    def attach_saved(base, pcfg, seed, user_id):
-        pm = fresh(base, pcfg, seed, user_id)
-        set_peft_model_state_dict(pm, tensors(start))
-        return pm
-
-    peft_reference.peft_attach = attach_saved
-    try:
-        return peft_train_user(model, tok, exs, pcfg_of(kind), ucfg, SEED, u, out, MAX_LEN, order_seed=ORDER[u])
-    finally:
-        peft_reference.peft_attach = fresh
+    """peft_train_user(start_dir=start, order_seed=ORDER[u]) (prompt tuning: PEFT's fresh module with
+    the saved tensors put in by PEFT's set_peft_model_state_dict; see peft_reference)."""
+    return peft_train_user(model, tok, exs, pcfg_of(kind), ucfg, SEED, u, out, MAX_LEN, start_dir=start,
+                           order_seed=ORDER[u])
 
 
 def _resume(model, tok, kind: str, root: Path, data2) -> dict[str, list[float]]:

@@ -151,9 +151,6 @@ def test_train_and_update_equal_the_peft_reference(base, tmp_path):
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="oppu bug: run_jobs trains all plans in one Trainer; a user whose "
-                   "module has another LoRA rank (or target set) than a user before it reallocates the banks, "
-                   "and Trainer._fill fails the whole pass (every co-batched job) with RuntimeError")
 def test_updates_of_users_with_different_lora_ranks_share_a_pass(p):
     """Any LoRA that loads on the base is a valid version (an import, another rank); a pass of several
     users' jobs must not fail because of one user's shape. Each alone works."""

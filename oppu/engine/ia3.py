@@ -99,6 +99,9 @@ class IA3Bank:
                 w.parts["ia3"] = IA3Layer(w.base_layer)
             part = w.parts["ia3"]
             side = "inp" if v.shape[0] == 1 and v.shape[1] == w.in_features else "out"  # [1, in] | [out, 1]
+            if side == "out" and tuple(v.shape) != (w.out_features, 1):
+                raise ValueError(f"IA3 module {path!r}: ia3_l {tuple(v.shape)} fits neither [1, {w.in_features}] nor "
+                                 f"[{w.out_features}, 1] of this base's layer")
             part.ensure(self.mm.capacity(self.name), side)
             with torch.no_grad():
                 bank = getattr(part, side)

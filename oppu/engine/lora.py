@@ -150,6 +150,9 @@ class LoRABank:
             a, b = state[f"{PREFIX}{path}.lora_A.weight"], state[f"{PREFIX}{path}.lora_B.weight"]
             r = a.shape[0]
             w = self.mm.layer(path)
+            if tuple(a.shape) != (r, w.in_features) or tuple(b.shape) != (w.out_features, r):
+                raise ValueError(f"LoRA module {path!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                                 f"this base's layer ({w.out_features} x {w.in_features})")
             if "lora" not in w.parts:
                 w.parts["lora"] = LoRALayer(w.base_layer)
             part = w.parts["lora"]

@@ -92,7 +92,10 @@ class MultiUserModel:
     def layer(self, path: str) -> MultiUserLinear:
         """The wrapped linear at `path`, wrapping it on first use."""
         if path not in self._wrapped:
-            self._wrapped[path] = wrap_linear(self.base, path, self.ctx)
+            try:
+                self._wrapped[path] = wrap_linear(self.base, path, self.ctx)
+            except AttributeError:
+                raise ValueError(f"the adapter targets module {path!r}, which this base does not have") from None
         return self._wrapped[path]
 
     def layers(self) -> Mapping[str, MultiUserLinear]:
