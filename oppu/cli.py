@@ -161,7 +161,8 @@ def _run_one(**kw) -> dict:
 def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"),
         data: Optional[str] = typer.Option(None, help="LaMP directory; omit to synthesize the default world"),
         out: str = typer.Option("runs/oppu", help="output directory"),
-        base: Optional[str] = typer.Option(None, help="'tiny' (default; 'tiny:small' etc.) or a local HF model dir"),
+        base: Optional[str] = typer.Option(None, help="'tiny' (default; 'tiny:small' etc.), 'smollm2' (SmolLM2-135M-"
+                                                      "Instruct from its PyPI wheel), a .gguf file or a local HF model dir"),
         methods: Optional[str] = typer.Option(None, help="comma list of: non_personalized,rag,pag,oppu,oppu_rag,oppu_pag"),
         peft: Optional[str] = typer.Option(None, help="lora | prompt_tuning | ia3"),
         retriever: Optional[str] = typer.Option(None, help="bm25 | dense | recency"),
@@ -181,13 +182,16 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         max_users_per_batch: Optional[int] = typer.Option(None, help="users trained together (batched|local|ray)"),
         tokens_per_forward: Optional[int] = typer.Option(None, help="batched training: padded tokens per forward "
                                                                     "chunk, bounds memory (batched|local|ray; default 1024)"),
+        max_history_items: Optional[int] = typer.Option(None, help="per-user training on the N most recent history "
+                                                                   "items (0 = all; recorded in run.json)"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
         strict: bool = typer.Option(True, "--strict/--lenient", help="lenient: skip bad records, counted")):
     """Run OPPU and its baselines on one task; writes predictions, metrics, report and adapters."""
     _run_one(task=task, data=data, out=out, base=base, methods=methods, peft=peft, retriever=retriever, k=k,
              profile=profile, test_users=test_users, seed=seed, device=device, dtype=dtype, config=config,
              strict=strict, executor=executor, workers=workers, ray_address=ray_address,
-             max_users_per_batch=max_users_per_batch, tokens_per_forward=tokens_per_forward, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
+             max_users_per_batch=max_users_per_batch, tokens_per_forward=tokens_per_forward,
+             max_history_items=max_history_items, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
                                "user_train.lr": user_lr})
 
 

@@ -10,6 +10,7 @@ per user -> predictions -> scores. `oppu.pipeline.run` is one pass through them;
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -116,6 +117,8 @@ class Session:
         variants = variants_for([m for m in (methods or c.methods) if m in ADAPTER_METHODS] or ["oppu"])
         exs_by_user = {}
         for u in users:
+            if c.max_history_items and len(u.history) > c.max_history_items:  # the most recent items
+                u = dataclasses.replace(u, history=u.history[-c.max_history_items:])
             exs = examples_fn(u) if examples_fn else self.examples(u, variants, k)
             if not exs:
                 raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
@@ -136,7 +139,9 @@ class Session:
             self.progress.advance(pt, len(users))
         per = round((time.perf_counter() - t0) / max(1, len(users)), 3)  # wall time shared by all
         return {u.user_id: {"losses": losses_by_user[u.user_id], "seconds": per, "examples": len(exs_by_user[u.user_id]),
-                            "history": len(u.history), "dir": safe_user_dir(u.user_id)} for u in users}
+                            "history": len(u.history), "trained_items": min(len(u.history), c.max_history_items or
+                                                                            len(u.history)),
+                            "dir": safe_user_dir(u.user_id)} for u in users}
 
     # -- inference ---------------------------------------------------------------------------
     def prompts(self, users: Sequence[User], methods: Sequence[str], k: int | None = None) -> dict[str, dict[str, str]]:

@@ -241,3 +241,11 @@ def test_register_custom_task(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         register(lamp_3.TASK)
     assert register(custom, overwrite=True) is custom
+
+
+@pytest.mark.parametrize("text,want", [("Tag: comedy.", "comedy"), ("The tag is dark comedy", "dark comedy"),
+                                       ("I think romance or action", "romance"), ("Sci-Fi", "sci-fi"),
+                                       ("science fiction", "science fiction"), ("no label here", "no label here")])
+def test_parse_label_takes_a_label_out_of_a_chatty_answer(text, want):
+    from oppu.tasks.common import parse_label
+    assert parse_label(text, ("comedy", "dark comedy", "sci-fi", "action", "romance")) == want

@@ -2,7 +2,9 @@
 
 Pure of disk I/O. Training examples are (prompt, target) pairs; the loss covers only the target
 tokens (the answer after the cue, plus the end token); prompts are cut from the left so the query
-and the cue always survive. Generation prompts are cut by the same rule.
+and the cue always survive. Generation prompts are cut by the same rule. For an instruct base
+(a tokenizer with a chat template) the prompt is the user turn and the target the assistant turn,
+ended by the end-of-turn token, which is also where decoding stops.
 
     enc = encode(tok, examples, max_len=384)            # [Encoded(ids, n_prompt)]
     b = collate(enc[:8], tok.pad_token_id)              # right-padded [B, T] ids/mask/labels
@@ -44,12 +46,29 @@ def end_id(tok) -> int:
     return getattr(tok, "oppu_end_id", None) or tok.eos_token_id
 
 
+def chat(tok) -> bool:
+    """Prompts go through the tokenizer's chat template (oppu.model.base.load_tokenizer sets this)."""
+    return bool(getattr(tok, "oppu_chat", False))
+
+
+def prompt_ids(tok, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of prompts: with BOS; for a chat model, the prompt as the user turn of its chat
+    template followed by the assistant turn's opening (the template brings its own special tokens)."""
+    if not chat(tok):
+        return [list(p) for p in tok(list(prompts), add_special_tokens=True)["input_ids"]]
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    return [list(p) for p in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
 def encode(tok, examples: Sequence, max_len: int) -> list[Encoded]:
-    """Tokenize prompt (with BOS) and target (+ end token) separately and join, so the boundary is exact."""
+    """Tokenize prompt (with BOS, or in the chat template) and target (+ end token) separately and
+    join, so the boundary is exact. A chat model's target is the assistant turn (no leading space)."""
     if not examples:
         return []
-    prompts = tok([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
-    targets = tok([e.target for e in examples], add_special_tokens=False)["input_ids"]
+    prompts = prompt_ids(tok, [e.prompt for e in examples])
+    targets = tok([e.target.strip() if chat(tok) else e.target for e in examples],
+                  add_special_tokens=False)["input_ids"]
     out = []
     for p, t in zip(prompts, targets):
         t = list(t)[: max_len // 2] + [end_id(tok)]
@@ -59,8 +78,8 @@ def encode(tok, examples: Sequence, max_len: int) -> list[Encoded]:
 
 
 def tokenize_prompts(tok, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
-    """BOS + prompt ids, cut by `keep_tail` so the cue stays at the end."""
-    ids = tok(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
+    """Prompt ids (prompt_ids), cut by `keep_tail` so the cue stays at the end."""
+    ids = prompt_ids(tok, prompts) if prompts else []
     return [keep_tail(p, max_prompt_tokens, tok.bos_token_id) for p in ids]
 
 

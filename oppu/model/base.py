@@ -111,14 +111,32 @@ def resolve_device(device: str) -> str:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a local model dir, set up the one way oppu uses it: left padding, a pad token."""
+    """The tokenizer of a local model dir, set up the one way oppu uses it: left padding, a pad
+    token, and `oppu_chat` (prompts go through its chat template) when it has one."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok.padding_side = "left"
     if tok.pad_token is None:  # Llama-2 and friends ship without a pad token
         tok.pad_token = tok.eos_token
+    tok.oppu_chat = bool(getattr(tok, "chat_template", None))
+    if tok.oppu_chat:
+        tok.oppu_end_id = end_of_turn(tok)
     return tok
+
+
+def end_of_turn(tok) -> int:
+    """The special token a chat template closes an assistant turn with (SmolLM2 <|im_end|>, Llama-3
+    <|eot_id|>), read off the template itself; EOS when the template shows none."""
+    mark = "Zq7xW"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+    except Exception:  # a template that refuses this conversation: fall back to EOS
+        return tok.eos_token_id
+    after = text.split(mark, 1)[1] if mark in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in set(tok.all_special_ids) else tok.eos_token_id
 
 
 def load_base(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
@@ -137,10 +155,17 @@ def load_base(path: str | Path, dtype: str = "fp32", device: str = "cpu"):
     return model, tok
 
 
-def resolve_base_path(spec: str | Path) -> Path:
-    """A HF model dir; an `oppu run` output dir or its run.json resolve to the base it recorded."""
+def resolve_base_path(spec: str | Path, cache_root: str | Path | None = None) -> Path:
+    """The local HF dir for `--base spec`: a HF model dir as is; `smollm2` or a .gguf file
+    materialized once into cache_root/models/ (oppu.model.gguf); an `oppu run` output dir or its
+    run.json resolve to the base it recorded."""
     import json
+    import os
 
+    if str(spec) == "smollm2" or str(spec).endswith(".gguf"):
+        from oppu.model.gguf import materialize
+        root = cache_root or os.environ.get("OPPU_CACHE") or Path.home() / ".cache" / "oppu"
+        return materialize(str(spec), root)
     p = Path(spec)
     run_json = p if p.name == "run.json" else p / "run.json"
     if (p / "config.json").exists():
@@ -151,5 +176,5 @@ def resolve_base_path(spec: str | Path) -> Path:
             raise FileNotFoundError(f"{run_json} records base path {path!r}, which is not a model directory "
                                     "(was the cache cleaned? rerun `oppu run`)")
         return Path(path)
-    raise FileNotFoundError(f"--base {spec!r}: not 'tiny', 'tiny:<preset>', a Hugging Face model directory "
-                            "(config.json) nor an `oppu run` output (run.json)")
+    raise FileNotFoundError(f"--base {spec!r}: not 'tiny', 'tiny:<preset>', 'smollm2', a .gguf file, a Hugging "
+                            "Face model directory (config.json) nor an `oppu run` output (run.json)")

@@ -46,7 +46,7 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
 
     `on_model(model, tok)` is called as soon as a model exists, before any example is built:
     the LLM profile writer uses it when no separate writer was loaded (the tiny base)."""
-    from oppu.model.base import build_tiny_base, load_base
+    from oppu.model.base import build_tiny_base, load_base, resolve_base_path
     from oppu.model.task_adapt import adapt_base
 
     variants = variants_for(cfg.methods)
@@ -69,13 +69,20 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
         build_tiny_base(tokenizer_corpus(task, others, test), tmp, preset=cfg.tiny_preset, seed=cfg.seed)
         model, tok = load_base(tmp, cfg.dtype, cfg.device)
     else:
-        model, tok = load_base(cfg.base, cfg.dtype, cfg.device)
+        src = resolve_base_path(cfg.base, cfg.cache_root())
+        model, tok = load_base(src, cfg.dtype, cfg.device)
+        origin = {"checkpoint": str(src)}
+        if (src / "oppu_source.json").is_file():  # a GGUF materialized by oppu.model.gguf: file + sha256
+            origin.update(json.loads((src / "oppu_source.json").read_text()))
     on_model(model, tok)
     n_params = sum(p.numel() for p in model.parameters())
     pt = progress.add_task("base examples", total=len(others))
     exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
                         progress=lambda n: progress.advance(pt, n))
-    info: dict[str, Any] = {"params": n_params, "source": cfg.base}
+    info: dict[str, Any] = {"params": n_params, "source": cfg.base,
+                            "prompt_style": "chat" if getattr(tok, "oppu_chat", False) else cfg.prompt_style}
+    if not cfg.is_tiny:
+        info["origin"] = origin
     if cfg.base_train.epochs > 0 and exs:
         n = min(len(exs), cfg.base_train.max_examples or len(exs))
         steps = cfg.base_train.epochs * ((n + cfg.base_train.batch_size - 1) // cfg.base_train.batch_size)

@@ -1,6 +1,6 @@
 """Task adaptation of the shared base on the non-test users' data, through the engine's trainer.
 
-- A real checkpoint: LoRA (all linear layers, rank `lora_r`, alpha 2r) trained as one module by
+- A real checkpoint: LoRA (`target_modules`, rank `lora_r`, alpha 2r) trained as one module by
   oppu.engine's Trainer (length-grouped batches, warm-up + cosine), then merged into the weights
   (engine.merge.merge_lora), as the paper does. Reported as "lora-merged".
 - The tiny from-scratch base: full training of every weight (engine.train_full), the honest
@@ -45,8 +45,10 @@ def _lora_merged(model, tok, exs, cfg: BaseTrainConfig, seed: int, max_len: int,
     from oppu.engine import Trainer
     from oppu.engine.merge import merge_lora
 
-    pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    from oppu.engine.format import split_targets
+
+    pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                      target_modules=split_targets(cfg.target_modules), task_type="CAUSAL_LM")
     ucfg = UserTrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio)
     module = {}
     trainer = Trainer(model, tok, {BASE_ID: exs}, pcfg, ucfg, seed, max_len, 1,

@@ -9,7 +9,9 @@ from typing import Any
 def parse_label(text: str, labels: tuple[str, ...]) -> str:
     """Map generated text to a label: exact match first, then case-insensitive match of the
     first line, then the label that starts the text (longest first, so 'dark comedy' beats
-    'comedy'). Unmatched text is returned stripped, so the exact scorer counts it invalid."""
+    'comedy'), then, for a chatty answer ('Tag: comedy.', 'The category is sports'), the label
+    that occurs first in the first line as whole words (longest wins a tie). Unmatched text is
+    returned stripped, so the exact scorer counts it invalid."""
     s = str(text).strip()
     if s in labels:
         return s
@@ -21,7 +23,12 @@ def parse_label(text: str, labels: tuple[str, ...]) -> str:
     for lab in sorted(labels, key=len, reverse=True):
         if first.lower().startswith(lab.lower()):
             return lab
-    return first
+    hits = []
+    for lab in labels:
+        m = re.search(r"(?<![\w-])" + re.escape(lab.lower()) + r"(?![\w-])", first.lower())
+        if m:
+            hits.append((m.start(), -len(lab), lab))
+    return min(hits)[2] if hits else first
 
 
 def frequency_profile(items: list[dict[str, Any]], field: str, noun: str, top: int = 3) -> str:
