@@ -52,9 +52,9 @@ def test_every_experiment_writes_results_report_and_labelled_plots(results):
         report = (out / "report.md").read_text()
         assert res["command"] in report and "## Findings" in report and "## Against the paper" in report
         assert res["findings"] and res["claims"]
-        for c in res["claims"]:
-            assert c["holds"] in (True, False, None) and c["evidence"]
-            assert c["claim"] in report
+        for c in res["claims"]:  # the report states each claim with the verdict results.json records
+            verdict = {True: "holds here", False: "does not hold here", None: "not testable here"}[c["holds"]]
+            assert f"- **{verdict}**: {c['claim']} ({c['evidence']})" in report
         for p in res["plots"]:
             assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({p})" in report
