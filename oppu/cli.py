@@ -40,11 +40,15 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _progress():
+    """rich bars on a terminal (or with OPPU_PROGRESS=1); plain progress lines in a pipe or a log."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
+
+    from oppu.progress import LineProgress
+    if not console.is_terminal and not _force_progress():
+        return LineProgress(lambda s: console.print(f"[dim]{s}[/]"))
     return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                    disable=not console.is_terminal and not _force_progress())
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
 def _force_progress() -> bool:

@@ -86,10 +86,11 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
     token = _admin_token(admin_token_file)
     if threads > 0:
         torch.set_num_threads(threads)
-    ucfg = _user_train_config(user_epochs, user_lr)
     try:
-        cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=ucfg, replay=replay,
-                          trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        run_cfg = _run_config(base, user_epochs, user_lr)
+        cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=run_cfg.user_train,
+                          replay=replay, trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                          style=run_cfg.prompt_style)
         st = AdapterStore(store)
         model, tok, info = open_base(base, cfg.task, st.root, seed=seed, base_epochs=base_epochs, k=k,
                                      max_len=max_len, device=device, dtype=dtype)
@@ -103,13 +104,12 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
     _run(app, svc, sock, log_level, access_log)
 
 
-def _user_train_config(epochs: Optional[int], lr: Optional[float]):
-    """The default per-user training config with --user-epochs / --user-lr applied when given."""
-    from oppu.config import UserTrainConfig
+def _run_config(base: str, epochs: Optional[int], lr: Optional[float]):
+    """The run config's per-base defaults (tiny, or the paper's recipe for a checkpoint) with
+    --user-epochs / --user-lr applied when given: the server trains as `oppu run` does."""
+    from oppu.config import load_config
 
-    ucfg = UserTrainConfig()
-    return UserTrainConfig(**{**ucfg.__dict__, **({"epochs": epochs} if epochs is not None else {}),
-                              **({"lr": lr} if lr is not None else {})})
+    return load_config(None, base=base, **{"user_train.epochs": epochs, "user_train.lr": lr})
 
 
 def _bind(host: str, port: int, port_file: Optional[Path]) -> socket.socket:

@@ -64,9 +64,13 @@ def test_every_readme_command_runs(tmp_path, checkpoint):
         r = subprocess.run(oppu + argv[1:], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
         if argv[1] == "run":
-            info = json.loads((tmp_path / "runs/2m/run.json").read_text())
+            out = tmp_path / argv[argv.index("--out") + 1]
+            info = json.loads((out / "run.json").read_text())
             assert info["base"]["task_adaptation"] == "lora-merged"
-            assert (tmp_path / "runs/2m/report.md").exists()
+            assert (out / "report.md").exists() and set(info["config"]["methods"]) <= set(json.loads(
+                (out / "metrics.json").read_text()))
+            if "smollm2" in argv:
+                assert info["base"]["prompt_style"] == "chat" and len(info["base"]["origin"]["sha256"]) == 64
         if argv[1] == "experiment":
             out = tmp_path / argv[argv.index("--out") + 1]
             res = json.loads((out / "results.json").read_text())

@@ -56,6 +56,7 @@ class ServeConfig:
     max_len: int = 256                  # prompt tokens (left-truncated) for training and generation
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
     replay: float = 0.5                 # incremental updates: share of older items replayed
+    style: str = "compact"              # prompt style (config.PROMPT_STYLES); "full" for checkpoints
     trainer_base: str = "auto"          # auto | copy | shared (see the module docstring)
     max_batch: int = 32                 # rows per mixed-adapter batch
     max_wait_ms: float = 10.0           # how long the batcher waits to fill a batch
@@ -95,7 +96,7 @@ class Service:
         self.trainer_base = mode
         train_model = copy.deepcopy(model) if mode == "copy" else None  # a copy shares no module with serving
         self.p = Personalizer(model, tok, self.task, cfg.user_train, peft=cfg.peft, seed=cfg.seed, k=cfg.k,
-                              max_len=cfg.max_len, batch_size=cfg.max_batch, store=store, max_loaded=cfg.max_loaded,
+                              max_len=cfg.max_len, style=cfg.style, batch_size=cfg.max_batch, store=store, max_loaded=cfg.max_loaded,
                               train_model=train_model)
         self.batcher = Batcher(self.p, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                                on_batch=self.metrics.batch_rows.observe)
