@@ -1,6 +1,8 @@
 """The pipeline's stages over one task's data, reusable: users -> task-adapted base -> one PEFT
 per user -> predictions -> scores. `oppu.pipeline.run` is one pass through them; the experiments
 (oppu/experiments/) call them many times over one base, with other users, histories or settings.
+The per-user stage and generation go through one oppu.personalizer.Personalizer (and so through
+oppu.engine); a process pool or Ray (--executor local|ray) runs the same engine in its workers.
 
     s = Session.open(cfg, log=print)                  # data + profile writer + cached base
     info = s.train(s.test, "runs/x/adapters")          # one PEFT per test user
