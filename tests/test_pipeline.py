@@ -268,55 +268,6 @@ def test_pipeline_adapters_equal_the_peft_reference(lora_run, world, tmp_path):
                            load_file(tmp_path / name / "adapter_model.safetensors"), "fp32", name)
 
 
-def _assert_same_adapters(dir_a: Path, dir_b: Path) -> None:
-    from safetensors.torch import load_file
-    names = sorted(d.name for d in dir_a.iterdir())
-    assert names and names == sorted(d.name for d in dir_b.iterdir())
-    for name in names:
-        assert_same_module(load_file(dir_b / name / "adapter_model.safetensors"),
-                           load_file(dir_a / name / "adapter_model.safetensors"), "fp32", name)
-
-
-def test_pipeline_adapters_equal_the_peft_reference(lora_run, world, tmp_path):
-    """The pipeline's per-user stage (the engine's batched trainer, 3 users per pass) == training
-    each user alone the paper's way through PEFT (tests/peft_reference.py) on the same examples;
-    every user reported, with its losses, equal to the reference's."""
-    from peft_reference import peft_train_user
-    from safetensors.torch import load_file
-
-    from oppu.engine import peft_config
-    from oppu.examples import history_examples
-    from oppu.model.base import load_base
-    from oppu.profile import make_profile_fn
-    from oppu.store.files import safe_user_dir
-    from oppu.tasks import get_task
-
-    cfg = load_config(None, **{k: v for k, v in lora_run.info["config"].items() if k not in ("base_train", "user_train")})
-    ucfg = type(cfg.user_train)(**lora_run.info["config"]["user_train"])
-    task = get_task("LaMP_2M")
-    model, tok = load_base(lora_run.info["base"]["path"])
-    prof = make_profile_fn(task, "statistical")
-    test, _ = load_lamp_dir(world, "LaMP_2M").split_users(3)
-    users = lora_run.info["users"]
-    assert sorted(users) == sorted(u.user_id for u in test)
-    for u in test:
-        exs = history_examples(task, u, ("plain", "rag", "pag"), cfg.k, cfg.retriever, prof, cfg.prompt_style)
-        ref = peft_train_user(model, tok, exs, peft_config(cfg.peft, ucfg), ucfg, cfg.seed, u.user_id, None,
-                              cfg.max_prompt_tokens)
-        assert len(users[u.user_id]["losses"]) == ucfg.epochs
-        assert users[u.user_id]["losses"] == pytest.approx(ref, abs=1e-5)
-    from tempfile import TemporaryDirectory
-    with TemporaryDirectory() as d:
-        for u in test:
-            exs = history_examples(task, u, ("plain", "rag", "pag"), cfg.k, cfg.retriever, prof, cfg.prompt_style)
-            peft_train_user(model, tok, exs, peft_config(cfg.peft, ucfg), ucfg, cfg.seed, u.user_id,
-                            Path(d) / safe_user_dir(u.user_id), cfg.max_prompt_tokens)
-        for u in test:
-            name = safe_user_dir(u.user_id)
-            assert_same_module(load_file(lora_run.out / "adapters" / name / "adapter_model.safetensors"),
-                               load_file(Path(d) / name / "adapter_model.safetensors"), "fp32", name)
-
-
 def test_local_executor_writes_the_same_adapters_as_in_process(lora_run, world, tmp_path):
     """--executor local (process pool, the same engine, a step in several forwards) == the
     in-process batched run."""
