@@ -215,20 +215,38 @@ def _device_of(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def peft_resume(base, pcfg, seed: int, user_id: str, start_dir: Path):
+    """A trainable PeftModel continuing the adapter saved in start_dir. PEFT 0.21 refuses
+    is_trainable for prompt learning, so there: a fresh module with the saved tensors put in by
+    PEFT's own set_peft_model_state_dict."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    start_dir = Path(start_dir)
+    if json.loads((start_dir / "adapter_config.json").read_text())["peft_type"] != "PROMPT_TUNING":
+        return PeftModel.from_pretrained(base, str(start_dir), is_trainable=True)
+    pm = peft_attach(base, pcfg, seed, user_id)
+    set_peft_model_state_dict(pm, load_file(str(start_dir / "adapter_model.safetensors")))
+    return pm
+
+
 def peft_train_user(base, tok, examples, pcfg, ucfg, seed: int, user_id: str, save_dir: Path | None,
-                    max_len: int) -> list[float]:
+                    max_len: int, start_dir: Path | None = None, order_seed: int | None = None) -> list[float]:
     """One user the plain way: torch.optim.AdamW, HF's own loss, per-user clipping; returns the
-    per-epoch token-weighted mean losses; with save_dir, PEFT's save_pretrained there."""
+    per-epoch token-weighted mean losses; with save_dir, PEFT's save_pretrained there. start_dir
+    continues a saved adapter; order_seed replaces the data order's user seed."""
     from oppu.engine import user_seed
     from oppu.engine.batching import batches, collate, encode
 
-    pm = peft_attach(base, pcfg, seed, user_id)
+    pm = peft_attach(base, pcfg, seed, user_id) if start_dir is None else peft_resume(base, pcfg, seed, user_id,
+                                                                                     start_dir)
     try:
         dev = _device_of(pm)
         data = encode(tok, examples, max_len)
         params = [p for p in pm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=ucfg.lr, weight_decay=ucfg.weight_decay)
-        plan = batches(len(data), ucfg.batch_size, ucfg.epochs, user_seed(seed, user_id))
+        plan = batches(len(data), ucfg.batch_size, ucfg.epochs,
+                       user_seed(seed, user_id) if order_seed is None else order_seed)
         total = sum(len(e) for e in plan)
         pm.train()
         step, out = 0, []
