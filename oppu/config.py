@@ -41,6 +41,7 @@ class BaseTrainConfig:
     lora_r: int = 16            # real checkpoints: LoRA then merge; tiny: full training
     target_modules: str = "all-linear"   # real checkpoints' task-adaptation LoRA (comma list or all-linear)
     max_examples: int = 0       # 0 = all; caps examples per epoch for quick runs
+    top_layers: int = 0         # real checkpoints: LoRA on the last N decoder layers only (0 = all)
     warmup_ratio: float = 0.05
 
 
@@ -53,6 +54,7 @@ class UserTrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: str = "all-linear"   # or a comma list, e.g. "q_proj,v_proj" (the paper's)
+    top_layers: int = 0                  # LoRA/IA3 on the last N decoder layers only (PEFT layers_to_transform; 0 = all)
     num_virtual_tokens: int = 8          # prompt tuning
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0            # share of each user's steps with linear warm-up (then cosine); 0 = constant

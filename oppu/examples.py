@@ -49,26 +49,47 @@ def _retrieve(task: Task, items: Sequence[Item], retriever, query: str, k: int, 
     return [items[j] for j in reversed(idx)]  # most relevant last: closest to the query
 
 
+def _item_example(task: Task, user: User, items: Sequence[Item], i: int, variant: str, k: int, retriever,
+                  profile: str | None, style: str) -> Example | None:
+    """History item i in one variant: rag retrieves only from items[:i]; pag carries `profile`."""
+    ex = task.item_to_example(items[i])
+    if ex is None:
+        return None
+    inp, target = ex
+    retrieved = _retrieve(task, items, retriever, task.query_doc(inp), k, limit=i) \
+        if (variant == "rag" and retriever is not None) else []
+    return Example(task.prompt(inp, retrieved, profile if variant == "pag" else None, style=style,
+                               cue=task.example_cue), task.target(target), user.user_id, variant,
+                   f"item:{items[i]['id']}")
+
+
+def _history_retriever(task: Task, items: Sequence[Item], variants: Sequence[str], k: int, retriever: str):
+    if "rag" in variants and k > 0 and len(items) > 1:
+        return make_retriever(retriever).fit([task.item_doc(it) for it in items])
+    return None
+
+
 def history_examples(task: Task, user: User, variants: Sequence[str], k: int, retriever: str,
                      profile_fn: ProfileFn | None, style: str = "compact") -> list[Example]:
     """Examples from the user's own history items (in chronological order)."""
     items = user.history
-    rag = "rag" in variants and k > 0 and len(items) > 1
-    r = make_retriever(retriever).fit([task.item_doc(it) for it in items]) if rag else None
+    r = _history_retriever(task, items, variants, k, retriever)
     profile = profile_fn(items) if ("pag" in variants and profile_fn) else None
     out = []
-    for i, it in enumerate(items):
-        ex = task.item_to_example(it)
-        if ex is None:
-            continue
-        inp, target = ex
+    for i in range(len(items)):
         for v in variants:
-            retrieved = _retrieve(task, items, r, task.query_doc(inp), k, limit=i) if (v == "rag" and r) else []
-            prof = profile if v == "pag" else None
-            out.append(Example(task.prompt(inp, retrieved, prof, style=style, cue=task.example_cue),
-                               task.target(target),
-                               user.user_id, v, f"item:{it['id']}"))
+            e = _item_example(task, user, items, i, v, k, r, profile, style)
+            if e is None:
+                break
+            out.append(e)
     return out
+
+
+def prefetch_profiles(profile_fn: ProfileFn | None, histories: Sequence[Sequence[Item]]) -> None:
+    """Let a batched profile writer (oppu.profile.LLMProfiles) write every profile needed next in
+    one batched pass instead of one generate call per user or query."""
+    if profile_fn is not None and hasattr(profile_fn, "prefetch"):
+        profile_fn.prefetch([list(h) for h in histories])
 
 
 def query_prompt(task: Task, user: User, q: Query, variant: str, k: int, retriever: str,
@@ -106,19 +127,37 @@ def query_examples(task: Task, user: User, variants: Sequence[str], k: int, retr
 
 def base_examples(task: Task, users: Sequence[User], variants: Sequence[str], k: int, retriever: str,
                   profile_fn: ProfileFn | None, seed: int, style: str = "compact",
-                  progress: Callable[[int], None] | None = None) -> list[Example]:
+                  progress: Callable[[int], None] | None = None, max_examples: int = 0) -> list[Example]:
     """Task-adaptation data from non-test users: each history item and question contributes one
     example in one variant drawn at random (seeded), so the shared base learns all prompt shapes
-    without tripling its data."""
+    without tripling its data. With `max_examples`, a seeded sample of that many sources is built
+    (and only their profiles written), so the cost of a capped run does not grow with the data."""
     rng = random.Random(seed)
-    out = []
-    for u in users:
-        exs = history_examples(task, u, variants, k, retriever, profile_fn, style) + \
-            query_examples(task, u, variants, k, retriever, profile_fn, style)
-        by_src: dict[str, list[Example]] = {}
-        for e in exs:
-            by_src.setdefault(e.source, []).append(e)
-        out += [rng.choice(group) for group in by_src.values()]
+    picks: list[tuple[int, object, str]] = []      # (user index, item index or Query, variant)
+    for ui, u in enumerate(users):
+        picks += [(ui, i, rng.choice(variants)) for i, it in enumerate(u.history)
+                  if task.item_to_example(it) is not None]
+        picks += [(ui, q, rng.choice(variants)) for q in u.queries if q.gold is not None]
+    if max_examples and len(picks) > max_examples:
+        keep = set(random.Random(seed).sample(range(len(picks)), max_examples))
+        picks = [p for j, p in enumerate(picks) if j in keep]
+    prefetch_profiles(profile_fn, [users[ui].history if isinstance(src, int) else users[ui].visible_items(src)
+                                   for ui, src, v in picks if v == "pag"])
+    out, by_user = [], {}
+    for ui, src, v in picks:
+        by_user.setdefault(ui, []).append((src, v))
+    for ui, u in enumerate(users):
+        mine = by_user.get(ui, [])
+        vs = {v for src, v in mine if isinstance(src, int)}
+        r = _history_retriever(task, u.history, tuple(vs), k, retriever)
+        profile = profile_fn(u.history) if ("pag" in vs and profile_fn) else None
+        cache: dict = {}
+        for src, v in mine:
+            if isinstance(src, int):
+                out.append(_item_example(task, u, u.history, src, v, k, r, profile, style))
+            else:
+                out.append(Example(query_prompt(task, u, src, v, k, retriever, profile_fn, style, cache),
+                                   task.target(src.gold), u.user_id, v, f"query:{src.id}"))
         if progress:
             progress(1)
     return out

@@ -40,7 +40,7 @@ class Personalizer(Lifecycle):
                  seed: int = 0, k: int = 2, retriever: str = "bm25", max_len: int = 384, style: str = "compact",
                  batch_size: int = 32, *, store=None, profile_fn=None, max_users_per_batch: int = 16,
                  tokens_per_forward: int = TOKENS_PER_FORWARD, max_loaded: int = 256, train_model=None):
-        from oppu.engine import peft_config
+        from oppu.engine import n_layers_of, peft_config
 
         if peft not in PEFT_TYPES:
             raise ValueError(f"unknown PEFT type {peft!r}; valid: {', '.join(PEFT_TYPES)}")
@@ -52,7 +52,7 @@ class Personalizer(Lifecycle):
         self.retriever, self.max_len, self.style, self.batch_size = retriever, max_len, style, batch_size
         self.profile_fn = profile_fn
         self.max_users_per_batch, self.tokens_per_forward = max_users_per_batch, tokens_per_forward
-        self.pcfg = peft_config(peft, ucfg)
+        self.pcfg = peft_config(peft, ucfg, n_layers_of(model))
         # Adapters train on the prompt shapes they will serve: plain, plus RAG when k > 0.
         self.variants = ("plain", "rag") if k > 0 else ("plain",)
         self.train_model = train_model if train_model is not None else model
@@ -96,10 +96,11 @@ class Personalizer(Lifecycle):
                       max_len: int | None = None) -> dict[str, list[float]]:
         """Train every user's module in batched passes (engine.Trainer); `on_user_done(uid, losses,
         config, state)` receives each finished module. Returns {uid: per-epoch mean loss}."""
-        from oppu.engine import Trainer, peft_config
+        from oppu.engine import Trainer, n_layers_of, peft_config
 
         ucfg = ucfg or self.ucfg
-        pcfg = self.pcfg if (peft or self.peft) == self.peft and ucfg is self.ucfg else peft_config(peft or self.peft, ucfg)
+        pcfg = self.pcfg if (peft or self.peft) == self.peft and ucfg is self.ucfg else \
+            peft_config(peft or self.peft, ucfg, n_layers_of(self.model))
         with self._training_base() as base:
             return Trainer(base, self.tok, examples_by_user, pcfg, ucfg, self.seed if seed is None else seed,
                            max_len or self.max_len, self.max_users_per_batch, on_user_done, self.tokens_per_forward,

@@ -38,20 +38,41 @@ def llm_profiles(task: Task, histories: Sequence[Sequence[Item]], generate: Gene
     return [" ".join(t.strip().split()[:max_words]) for t in texts]
 
 
+class LLMProfiles:
+    """items -> the profile the LLM writes for them, memoised by the items' ids. `prefetch(histories)`
+    writes every missing one in one batched generate call (the pipeline calls it before building
+    examples or prompts, so a run with many users or queries pays a few batched passes, not one
+    generate per profile)."""
+
+    def __init__(self, task: Task, generate: GenerateFn, max_items: int = 20) -> None:
+        self.task, self.generate, self.max_items = task, generate, max_items
+        self.memo: dict[tuple[str, ...], str] = {}
+
+    def _key(self, items: Sequence[Item]) -> tuple[str, ...]:
+        return tuple(str(it["id"]) for it in list(items)[-self.max_items:])  # only these reach the prompt
+
+    def prefetch(self, histories: Sequence[Sequence[Item]]) -> None:
+        todo: dict[tuple[str, ...], Sequence[Item]] = {}
+        for h in histories:
+            key = self._key(h)
+            if key not in self.memo and key not in todo:
+                todo[key] = h
+        if todo:
+            texts = llm_profiles(self.task, list(todo.values()), self.generate, self.max_items)
+            self.memo.update(zip(todo, texts))
+
+    def __call__(self, items: list[Item]) -> str:
+        self.prefetch([items])
+        return self.memo[self._key(items)]
+
+
 def make_profile_fn(task: Task, kind: str, generate: GenerateFn | None = None,
                     max_items: int = 20) -> Callable[[list[Item]], str]:
-    """A function items -> profile text; LLM profiles are memoised by the items' ids."""
+    """A function items -> profile text; LLM profiles are memoised and written in batches (LLMProfiles)."""
     if kind == "statistical":
         return lambda items: statistical_profile(task, items)
     if kind == "llm":
         if generate is None:
             raise ValueError("an LLM profile needs a generate function (the loaded base)")
-        memo: dict[tuple[str, ...], str] = {}
-
-        def fn(items: list[Item]) -> str:
-            key = tuple(str(it["id"]) for it in items)
-            if key not in memo:
-                memo[key] = llm_profiles(task, [items], generate, max_items)[0]
-            return memo[key]
-        return fn
+        return LLMProfiles(task, generate, max_items)
     raise ValueError(f"unknown profile kind {kind!r}; valid: statistical, llm")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from oppu.config import ADAPTER_METHODS, RunConfig, UserTrainConfig
 from oppu.data.lamp import TASK_IDS
 from oppu.data.users import User, load_lamp_dir
-from oppu.examples import METHOD_VARIANT, Example, variants_for
+from oppu.examples import METHOD_VARIANT, Example, prefetch_profiles, variants_for
 from oppu.metrics import score
 from oppu.personalizer import Personalizer
 from oppu.progress import NoProgress
@@ -118,9 +118,11 @@ class Session:
         seed = c.seed if seed is None else seed
         variants = variants_for([m for m in (methods or c.methods) if m in ADAPTER_METHODS] or ["oppu"])
         exs_by_user = {}
-        for u in users:
-            if c.max_history_items and len(u.history) > c.max_history_items:  # the most recent items
-                u = dataclasses.replace(u, history=u.history[-c.max_history_items:])
+        users_cut = [dataclasses.replace(u, history=u.history[-c.max_history_items:])  # the most recent items
+                     if c.max_history_items and len(u.history) > c.max_history_items else u for u in users]
+        if "pag" in variants and not examples_fn:
+            prefetch_profiles(self.profile_fn, [u.history for u in users_cut])
+        for u in users_cut:
             exs = examples_fn(u) if examples_fn else self.examples(u, variants, k)
             if not exs:
                 raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
@@ -131,9 +133,10 @@ class Session:
             losses_by_user = self.p.train_to_dir(exs_by_user, adapters_dir, lambda uid: self.progress.advance(pt, 1),
                                                  ucfg=ucfg, peft=peft, seed=seed)
         else:  # a process pool or a Ray cluster, each worker running the same engine
-            from oppu.engine import peft_config
+            from oppu.engine import n_layers_of, peft_config
             from oppu.scale import train_sharded
-            losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user, peft_config(peft, ucfg), ucfg,
+            losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user,
+                                           peft_config(peft, ucfg, n_layers_of(self.model)), ucfg,
                                            seed, adapters_dir, executor=c.executor, workers=c.workers,
                                            ray_address=c.ray_address or None, max_users_per_batch=c.max_users_per_batch,
                                            tokens_per_forward=c.tokens_per_forward, max_len=c.max_prompt_tokens,
@@ -150,6 +153,8 @@ class Session:
         """{method: {question id: prompt}}; a prompt depends only on the variant (rag and
         oppu_rag share it), so each variant is rendered once."""
         cache: dict = {}
+        if "pag" in variants_for(methods):
+            prefetch_profiles(self.profile_fn, [u.visible_items(q) for u in users for q in u.queries])
         by_variant = {v: {q.id: self.p.prompt(u, q, v, k, cache) for u in users for q in u.queries}
                       for v in variants_for(methods)}
         return {m: by_variant[METHOD_VARIANT[m]] for m in methods}

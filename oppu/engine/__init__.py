@@ -25,11 +25,11 @@ start state, never a second path.
 from oppu.engine.batching import Encoded, encode, tokenize_prompts
 from oppu.engine.cache import AdapterCache
 from oppu.engine.decode import generate, generate_mixed, greedy_rows
-from oppu.engine.format import initial_module, peft_config, read_adapter, user_seed, write_adapter
+from oppu.engine.format import initial_module, n_layers_of, peft_config, read_adapter, user_seed, write_adapter
 from oppu.engine.kinds import BANKS, kind_of
 from oppu.engine.model import MultiUserModel
 from oppu.engine.train import Trainer, train_full, train_users
 
 __all__ = ["AdapterCache", "BANKS", "Encoded", "MultiUserModel", "Trainer", "encode", "generate", "generate_mixed",
-           "greedy_rows", "initial_module", "kind_of", "peft_config", "read_adapter", "tokenize_prompts",
+           "greedy_rows", "initial_module", "kind_of", "n_layers_of", "peft_config", "read_adapter", "tokenize_prompts",
            "train_full", "train_users", "user_seed", "write_adapter"]

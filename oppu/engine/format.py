@@ -37,17 +37,42 @@ def split_targets(target_modules: str) -> str | list[str]:
     return [m.strip() for m in target_modules.split(",") if m.strip()]
 
 
-def peft_config(kind: str, ucfg):
-    """The PEFT config of one user's module from the run's UserTrainConfig."""
+def layer_choice(top_layers: int, n_layers: int | None, target_modules) -> dict:
+    """PEFT's `layers_to_transform` for "the last `top_layers` decoder layers" (0 = every layer).
+    Backpropagation then stops at the lowest adapted layer: the frozen layers below it need no
+    input gradients, which is most of the per-user training cost of a deep base."""
+    if not top_layers:
+        return {}
+    if top_layers < 0:
+        raise ValueError(f"top_layers must be >= 0 (0 = all layers), got {top_layers}")
+    if n_layers is None:
+        raise ValueError("top_layers needs the base's number of decoder layers (pass n_layers)")
+    if isinstance(target_modules, str):
+        raise ValueError(f"top_layers={top_layers} needs an explicit target_modules list, not "
+                         f"{target_modules!r} (e.g. 'q_proj,v_proj')")
+    return {"layers_to_transform": list(range(max(0, n_layers - top_layers), n_layers))}
+
+
+def n_layers_of(base) -> int | None:
+    """The number of decoder layers of a transformers causal LM (None when its config has none)."""
+    return getattr(getattr(base, "config", None), "num_hidden_layers", None)
+
+
+def peft_config(kind: str, ucfg, n_layers: int | None = None):
+    """The PEFT config of one user's module from the run's UserTrainConfig (`n_layers`: the base's
+    decoder depth, needed when ucfg.top_layers restricts the module to the last layers)."""
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 
+    top = getattr(ucfg, "top_layers", 0)
     if kind == "lora":
-        return LoraConfig(r=ucfg.lora_r, lora_alpha=ucfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=split_targets(ucfg.target_modules), task_type="CAUSAL_LM")
+        targets = split_targets(ucfg.target_modules)
+        return LoraConfig(r=ucfg.lora_r, lora_alpha=ucfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                          task_type="CAUSAL_LM", **layer_choice(top, n_layers, targets))
     if kind == "ia3":
         # IA3 scales keys, values and the MLP's down-projection input (the paper's and PEFT's default).
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                         task_type="CAUSAL_LM")
+        targets = ["k_proj", "v_proj", "down_proj"]
+        return IA3Config(target_modules=targets, feedforward_modules=["down_proj"], task_type="CAUSAL_LM",
+                         **layer_choice(top, n_layers, targets))
     if kind == "prompt_tuning":
         return PromptTuningConfig(num_virtual_tokens=ucfg.num_virtual_tokens, task_type="CAUSAL_LM")
     raise ValueError(f"unknown PEFT type {kind!r}; valid: {', '.join(PEFT_TYPES)}")

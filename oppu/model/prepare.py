@@ -54,7 +54,7 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
                        "k": cfg.k, "retriever": cfg.retriever, "variants": variants, "style": cfg.prompt_style,
                        "profile": cfg.profile, "max_len": cfg.max_prompt_tokens,
                        "data": data_fingerprint(others),
-                       "test": data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 2})
+                       "test": data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 3})
     cached = cfg.cache_root() / "bases" / f"{task.id}-{key}"
     if (cached / "oppu_base.json").exists():
         log(f"base: reusing cached task-adapted base {cached}")
@@ -78,7 +78,7 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
     n_params = sum(p.numel() for p in model.parameters())
     pt = progress.add_task("base examples", total=len(others))
     exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
-                        progress=lambda n: progress.advance(pt, n))
+                        progress=lambda n: progress.advance(pt, n), max_examples=cfg.base_train.max_examples)
     info: dict[str, Any] = {"params": n_params, "source": cfg.base,
                             "prompt_style": "chat" if getattr(tok, "oppu_chat", False) else cfg.prompt_style}
     if not cfg.is_tiny:

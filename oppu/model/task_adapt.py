@@ -45,10 +45,11 @@ def _lora_merged(model, tok, exs, cfg: BaseTrainConfig, seed: int, max_len: int,
     from oppu.engine import Trainer
     from oppu.engine.merge import merge_lora
 
-    from oppu.engine.format import split_targets
+    from oppu.engine.format import layer_choice, n_layers_of, split_targets
 
-    pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-                      target_modules=split_targets(cfg.target_modules), task_type="CAUSAL_LM")
+    targets = split_targets(cfg.target_modules)
+    pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=targets,
+                      task_type="CAUSAL_LM", **layer_choice(cfg.top_layers, n_layers_of(model), targets))
     ucfg = UserTrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio)
     module = {}
     trainer = Trainer(model, tok, {BASE_ID: exs}, pcfg, ucfg, seed, max_len, 1,
