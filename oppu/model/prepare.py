@@ -76,9 +76,11 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
             origin.update(json.loads((src / "oppu_source.json").read_text()))
     on_model(model, tok)
     n_params = sum(p.numel() for p in model.parameters())
-    pt = progress.add_task("base examples", total=len(others))
-    exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
-                        progress=lambda n: progress.advance(pt, n), max_examples=cfg.base_train.max_examples)
+    exs = []
+    if cfg.base_train.epochs > 0:  # no task adaptation: no examples to build (nor LLM profiles to write)
+        pt = progress.add_task("base examples", total=len(others))
+        exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
+                            progress=lambda n: progress.advance(pt, n), max_examples=cfg.base_train.max_examples)
     info: dict[str, Any] = {"params": n_params, "source": cfg.base,
                             "prompt_style": "chat" if getattr(tok, "oppu_chat", False) else cfg.prompt_style}
     if not cfg.is_tiny:
