@@ -70,9 +70,12 @@ def peft_config(kind: str, ucfg, n_layers: int | None = None):
                           task_type="CAUSAL_LM", **layer_choice(top, n_layers, targets))
     if kind == "ia3":
         # IA3 scales keys, values and the MLP's down-projection input (the paper's and PEFT's default).
-        targets = ["k_proj", "v_proj", "down_proj"]
-        return IA3Config(target_modules=targets, feedforward_modules=["down_proj"], task_type="CAUSAL_LM",
-                         **layer_choice(top, n_layers, targets))
+        targets, ff = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+        layers = layer_choice(top, n_layers, targets).get("layers_to_transform")
+        if layers:  # IA3Config has no layers_to_transform: the same choice as full-match patterns
+            at = rf".*\.layers\.({'|'.join(map(str, layers))})\.[^.]+\."
+            targets, ff = at + "(k_proj|v_proj|down_proj)", at + "down_proj"
+        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
     if kind == "prompt_tuning":
         return PromptTuningConfig(num_virtual_tokens=ucfg.num_virtual_tokens, task_type="CAUSAL_LM")
     raise ValueError(f"unknown PEFT type {kind!r}; valid: {', '.join(PEFT_TYPES)}")

@@ -37,6 +37,7 @@ from oppu.engine.format import initial_module, user_seed, write_adapter
 from oppu.engine.kinds import kind_of
 from oppu.engine.model import MultiUserModel
 from oppu.engine.optim import StackedAdamW, lr_at, warmup_steps
+from oppu.engine.prefix import FrozenPrefix
 
 UserDone = Callable[[str, list[float], object, dict], None]   # (uid, losses, config, state)
 
@@ -56,9 +57,10 @@ def decoder_and_head(base):
 
 def token_loss_sums(mm: MultiUserModel | None, decoder, head, rows: Sequence[Encoded],
                     row_users: Sequence[str | None], row_group: torch.Tensor, n_groups: int,
-                    pad_id: int) -> torch.Tensor:
+                    pad_id: int, prefix: FrozenPrefix | None = None) -> torch.Tensor:
     """Sum of the target-token losses of each group of rows [G] (differentiable), one forward over
-    `rows` right-padded; row_group [N] maps row -> group (user) index. mm=None: the plain model."""
+    `rows` right-padded; row_group [N] maps row -> group (user) index. mm=None: the plain model.
+    `prefix`: reuse the rows' hidden states below the lowest adapted layer (engine.prefix)."""
     b = collate(rows, pad_id)
     if mm is not None:
         inputs = mm.prepare(b["input_ids"], b["attention_mask"], row_users)
@@ -67,7 +69,10 @@ def token_loss_sums(mm: MultiUserModel | None, decoder, head, rows: Sequence[Enc
         inputs = {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev)}
     dev = inputs["attention_mask"].device
     n_prefix = inputs["attention_mask"].shape[1] - b["input_ids"].shape[1]
-    h = decoder(**inputs, use_cache=False).last_hidden_state            # [N, P + T, H]
+    if prefix is not None:
+        h = prefix.forward(rows, inputs)                                # [N, T, H], top layers only
+    else:
+        h = decoder(**inputs, use_cache=False).last_hidden_state        # [N, P + T, H]
     lab = b["labels"].to(dev)
     r, c = (lab[:, 1:] != -100).nonzero(as_tuple=True)                  # position c predicts token c + 1
     if mm is not None:
@@ -82,7 +87,8 @@ def token_loss_sums(mm: MultiUserModel | None, decoder, head, rows: Sequence[Enc
 
 def backward_per_user_loss(mm: MultiUserModel | None, decoder, head, rows: Sequence[Encoded],
                            row_users: Sequence[str | None], row_group: Sequence[int], n_groups: int, pad_id: int,
-                           tokens_per_forward: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           tokens_per_forward: int,
+                           prefix: FrozenPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate the sum over groups (users) of each group's mean target-token loss (as HF
     computes it for that group's rows alone), in length-sorted chunks of at most
     `tokens_per_forward` padded tokens whose gradients accumulate; returns each group's mean loss
@@ -94,7 +100,7 @@ def backward_per_user_loss(mm: MultiUserModel | None, decoder, head, rows: Seque
     total = torch.zeros(n_groups, dtype=torch.float32)
     for chunk in length_chunks(rows, tokens_per_forward):
         sums = token_loss_sums(mm, decoder, head, [rows[i] for i in chunk], [row_users[i] for i in chunk],
-                               torch.tensor([row_group[i] for i in chunk]), n_groups, pad_id)
+                               torch.tensor([row_group[i] for i in chunk]), n_groups, pad_id, prefix)
         (sums / counts.to(sums.device).clamp(min=1)).sum().backward()
         total += sums.detach().cpu()
     return total / counts.clamp(min=1), counts
@@ -124,7 +130,7 @@ class Trainer:
                  max_len: int = 384, max_users_per_batch: int = 16, on_user_done: UserDone | None = None,
                  tokens_per_forward: int = TOKENS_PER_FORWARD, start: Mapping[str, tuple] | None = None,
                  order_seeds: Mapping[str, int] | None = None, group_by_length: bool = False,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 on_step: Callable[[int, dict[str, float]], None] | None = None, reuse_prefix: bool = True) -> None:
         if max_users_per_batch < 1 or tokens_per_forward < 1:
             raise ValueError(f"max_users_per_batch and tokens_per_forward must be >= 1, got "
                              f"{max_users_per_batch}, {tokens_per_forward}")
@@ -150,6 +156,9 @@ class Trainer:
         self.mm.reserve(self.kind, min(self.group, len(self.waiting)))
         self.opt: StackedAdamW | None = None
         self.n_steps = 0
+        self.n_tokens = sum(len(e.ids) for r in self.waiting for e in r.data)
+        self.reuse_prefix = reuse_prefix
+        self.prefix: FrozenPrefix | None = None   # set once the first modules are in (engine/prefix.py)
 
     def _module(self, run: _Run) -> tuple:
         if run.start is not None:
@@ -175,6 +184,10 @@ class Trainer:
             self.active[slot] = run
         for p in self.mm.bank_params(self.kind):
             p.requires_grad_(True)
+        if self.reuse_prefix and self.prefix is None:
+            self.reuse_prefix = False
+            self.prefix = FrozenPrefix.for_trainer(self.decoder, list(self.mm.layers()), self.ucfg.epochs,
+                                                   self.n_tokens)
 
     def _lr(self, run: _Run) -> float:
         total = len(run.plan)
@@ -195,7 +208,8 @@ class Trainer:
             row_users += [run.uid] * len(idx)
             row_group += [gi] * len(idx)
         means, counts = backward_per_user_loss(self.mm, self.decoder, self.head, rows, row_users, row_group,
-                                               len(slots), self.tok.pad_token_id, self.tokens_per_forward)
+                                               len(slots), self.tok.pad_token_id, self.tokens_per_forward,
+                                               self.prefix)
         self.opt.step(slots, [self._lr(self.active[s]) for s in slots], max_grad_norm=self.ucfg.max_grad_norm)
         self.opt.zero_grad()
         self.n_steps += 1
@@ -218,6 +232,8 @@ class Trainer:
 
     def _finish(self, slot: int) -> None:
         run = self.active.pop(slot)
+        if self.prefix is not None:
+            self.prefix.forget(run.data)
         self.losses[run.uid] = [t / max(1, n) for t, n in zip(run.loss_tok, run.n_tok)]
         self.parked.append(run.uid)
         if self.on_user_done:
