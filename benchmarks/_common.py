@@ -115,11 +115,26 @@ def world_users(tmp: Path, n_users: int, min_history: int, max_history: int, see
     return ds.splits["dev"], get_task(task_id)
 
 
-def plain_examples(task, users) -> dict[str, list]:
+def plain_examples(task, users, style: str = "compact") -> dict[str, list]:
     """{user id: the user's history as plain-prompt training examples} (no retrieval, no profile)."""
     from oppu.examples import history_examples
 
-    return {u.user_id: history_examples(task, u, ("plain",), 0, "bm25", None) for u in users}
+    return {u.user_id: history_examples(task, u, ("plain",), 0, "bm25", None, style) for u in users}
+
+
+def load_bench_base(base: str, out_dir: Path, corpus: list[str], device: str, seed: int = 0):
+    """(model, tok) of --base: a tiny preset ("tiny", "tiny:micro") built fresh from `corpus`, or a
+    checkpoint ("smollm2", a .gguf file, a local HF dir) loaded like `oppu run --base` does."""
+    from oppu.config import RunConfig
+    from oppu.model.base import load_base, resolve_base_path
+
+    cfg = RunConfig(base=base)
+    if cfg.is_tiny:
+        return tiny_base(out_dir, corpus, cfg.tiny_preset, device, seed)
+    path = resolve_base_path(base, cfg.cache_root())
+    model, tok = load_base(path, device=device)
+    model.name_or_path = str(path)
+    return model, tok
 
 
 def query_prompts(task, users) -> dict[str, str]:

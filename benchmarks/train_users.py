@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (corpus_of, emit, machine_info, matmul_params, mean, peak_matmul_flops, peft_train_user,
-                     peft_trainer_user, plain_examples, resolve, set_threads, timed_cpu, tiny_base, world_users)
+from _common import (corpus_of, emit, load_bench_base, machine_info, matmul_params, mean, peak_matmul_flops,
+                     peft_train_user, peft_trainer_user, plain_examples, resolve, set_threads, timed_cpu, world_users)
 
 
 def sequential_peft(model, tok, examples: dict, pcfg, ucfg, seed: int, max_len: int, out: Path | None,
@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="batched arm: padded tokens per forward/backward chunk (default: oppu's)")
     ap.add_argument("--chunk-users", type=int, default=16,
                     help="alternate the two arms every this many users (0 = each arm once over all users)")
-    ap.add_argument("--preset", default="tiny", help="tiny-base preset: micro | tiny | small")
+    ap.add_argument("--preset", default="tiny", help="tiny-base preset: micro | tiny | small (with --base tiny)")
+    ap.add_argument("--base", default="tiny", help="tiny (--preset), smollm2, a .gguf file or a local HF dir")
+    ap.add_argument("--target-modules", default=None,
+                    help="LoRA targets (default: all-linear on a tiny base, q_proj,v_proj on a checkpoint)")
+    ap.add_argument("--top-layers", type=int, default=0, help="modules on the last N decoder layers only (0 = all)")
+    ap.add_argument("--arms", default="both", choices=("both", "batched"),
+                    help="batched: oppu's trainer alone (no PEFT arm, no ratio)")
     ap.add_argument("--min-history", type=int, default=36)
     ap.add_argument("--max-history", type=int, default=44)
     ap.add_argument("--max-len", type=int, default=384)
@@ -96,13 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(args.threads)
     tpf = args.tokens_per_forward or TOKENS_PER_FORWARD
     device = resolve(args.device)
-    ucfg = UserTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    tiny = args.base == "tiny" or args.base.startswith("tiny:")
+    base = f"tiny:{args.preset}" if args.base == "tiny" else args.base
+    targets = args.target_modules or ("all-linear" if tiny else "q_proj,v_proj")
+    ucfg = UserTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, target_modules=targets,
+                           top_layers=args.top_layers)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         users, task = world_users(tmp, args.users, args.min_history, args.max_history, args.seed)
-        examples = plain_examples(task, users)
-        model, tok = tiny_base(tmp / "base", corpus_of(examples), args.preset, device, args.seed)
+        examples = plain_examples(task, users, "compact" if tiny else "full")
+        model, tok = load_bench_base(base, tmp / "base", corpus_of(examples), device, args.seed)
         n_mm = matmul_params(model)
+        from oppu.engine import n_layers_of
+        n_layers = n_layers_of(model)
         tokens = args.epochs * sum(len(e.ids) for exs in examples.values() for e in encode(tok, exs, args.max_len))
         peak = peak_matmul_flops(device, args.peak_size)
         print(f"{len(examples)} users, {sum(map(len, examples.values()))} examples, {tokens} training tokens; "
@@ -112,18 +124,20 @@ def main(argv: list[str] | None = None) -> dict:
         # warm-up both paths on one user's few examples (first-call allocations, lazy imports)
         first = next(iter(examples))
         warm = {first: examples[first][:2 * args.batch_size]}
-        wcfg = UserTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr)
-        train_users(model, tok, warm, peft_config(args.peft, wcfg), wcfg, args.seed, max_len=args.max_len)
-        sequential_peft(model, tok, warm, peft_config(args.peft, wcfg), wcfg, args.seed, args.max_len, None, device,
-                        args.baseline)
+        wcfg = UserTrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, target_modules=targets,
+                               top_layers=args.top_layers)
+        train_users(model, tok, warm, peft_config(args.peft, wcfg, n_layers), wcfg, args.seed, max_len=args.max_len)
+        if args.arms == "both":
+            sequential_peft(model, tok, warm, peft_config(args.peft, wcfg, n_layers), wcfg, args.seed, args.max_len,
+                            None, device, args.baseline)
 
         def run_batched(chunk):
-            return train_users(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed,
+            return train_users(model, tok, chunk, peft_config(args.peft, ucfg, n_layers), ucfg, args.seed,
                                save_root=tmp / "batched", max_len=args.max_len,
                                max_users_per_batch=args.max_users_per_batch, tokens_per_forward=tpf)
 
         def run_sequential(chunk):
-            return sequential_peft(model, tok, chunk, peft_config(args.peft, ucfg), ucfg, args.seed, args.max_len,
+            return sequential_peft(model, tok, chunk, peft_config(args.peft, ucfg, n_layers), ucfg, args.seed, args.max_len,
                                    tmp / "sequential", device, args.baseline)
 
         # On shared cores the load drifts over minutes: alternate the arms chunk by chunk (who goes
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         wall, cpu = {"b": 0.0, "s": 0.0}, {"b": 0.0, "s": 0.0}
         for k, i in enumerate(range(0, len(uids), size)):
             chunk = {u: examples[u] for u in uids[i:i + size]}
-            arms = [(run_batched, "b"), (run_sequential, "s")]
+            arms = [(run_batched, "b"), (run_sequential, "s")] if args.arms == "both" else [(run_batched, "b")]
             for fn, name in (arms if k % 2 == 0 else arms[::-1]):
                 res, w, c = timed_cpu(lambda: fn(chunk), device)
                 losses[name].update(res)
@@ -145,14 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
         batched, seq, t_b, t_s = losses["b"], losses["s"], wall["b"], wall["s"]
 
     final_b = mean([v[-1] for v in batched.values()])
-    final_s = mean([v[-1] for v in seq.values()])
+    final_s = mean([v[-1] for v in seq.values()]) if seq else float("nan")
     f6, f4 = 6 * n_mm * tokens, 4 * n_mm * tokens
+    f_need = needed_flops(model, tok, examples, args, n_layers)
 
     def arm(t: float) -> dict:
+        if not t:
+            return {}
         mfu = round(f4 / t / peak, 4)
         return {"wall_s": round(t, 2), "users_per_hour": round(len(examples) / t * 3600, 1),
+                "seconds_per_user": round(t / len(examples), 2), "tokens_per_s": round(tokens / t, 1),
                 "flops_per_s": round(f4 / t), "mfu": mfu, "mfu_4n": mfu,
-                "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4)}
+                "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4),
+                "mfu_needed": round(f_need / t / peak, 4)}
     result = {
         "benchmark": "train_users", "users": len(examples), "peft": args.peft, "preset": args.preset,
         "baseline": args.baseline, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -160,16 +179,46 @@ def main(argv: list[str] | None = None) -> dict:
         "examples": sum(map(len, examples.values())), "train_tokens": tokens, "matmul_params": n_mm,
         "batched": {**arm(t_b), "cpu_s": round(cpu["b"], 2), "final_loss": round(final_b, 5)},
         "sequential_peft": {**arm(t_s), "cpu_s": round(cpu["s"], 2), "final_loss": round(final_s, 5)},
-        "ratio_vs_sequential_peft": round(t_s / t_b, 3),
-        "ratio_vs_sequential_peft_cpu": round(cpu["s"] / cpu["b"], 3),
-        "final_loss_rel_diff": round(abs(final_b - final_s) / abs(final_s), 6),
+        "ratio_vs_sequential_peft": round(t_s / t_b, 3) if seq else None,
+        "ratio_vs_sequential_peft_cpu": round(cpu["s"] / cpu["b"], 3) if seq else None,
+        "final_loss_rel_diff": round(abs(final_b - final_s) / abs(final_s), 6) if seq else None,
+        "base": args.base, "target_modules": targets, "top_layers": args.top_layers, "threads": torch.get_num_threads(),
+        "needed_flops": round(f_need),
         "peak_matmul_flops": round(peak),
         "flops_formula": "4*N*tokens (flops_per_s, mfu = mfu_4n: forward + input gradients of a frozen base), "
-                         "6*N*tokens (flops_per_s_6n, mfu_6n: with weight gradients); N=nn.Linear params",
+                         "6*N*tokens (flops_per_s_6n, mfu_6n: with weight gradients); N=nn.Linear params; "
+                         "mfu_needed: what this training needs at the least: per epoch 4*N_top*T + 4*N_head*targets, "
+                         "plus 2*N_below*T once (frozen layers below the lowest adapted one, reused after epoch 1) "
+                         "or every epoch (no reuse); attention scores left out",
         "machine": machine_info(device),
     }
     emit(result)
     return result
+
+
+def needed_flops(model, tok, examples: dict, args, n_layers: int | None) -> float:
+    """FLOPs this training needs at the least (see flops_formula): frozen layers below the lowest
+    adapted one run forward once per example when the engine reuses them (2+ epochs), the adapted
+    layers forward + input gradients every epoch, the lm_head only at target positions."""
+    import re
+
+    from oppu.engine import encode
+    from oppu.engine.prefix import FrozenPrefix
+    lo = n_layers - args.top_layers if (args.top_layers and n_layers) else 0
+    below = top = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            hit = re.search(r"layers\.(\d+)\.", name)
+            if hit and int(hit.group(1)) < lo:
+                below += m.weight.numel()
+            else:
+                top += m.weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    enc = [e for exs in examples.values() for e in encode(tok, exs, args.max_len)]
+    t = sum(len(e.ids) for e in enc)
+    targets = sum(len(e.ids) - e.n_prompt for e in enc)
+    reuse = FrozenPrefix.for_trainer(model.base_model, [f"layers.{lo}."] if lo else [], args.epochs, t) is not None
+    return args.epochs * (4 * top * t + 4 * head * targets) + (1 if reuse else args.epochs) * 2 * below * t
 
 
 if __name__ == "__main__":

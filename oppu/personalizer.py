@@ -93,9 +93,11 @@ class Personalizer(Lifecycle):
                       on_user_done: Callable[[str, list[float], Any, dict], None], *,
                       start: Mapping[str, tuple] | None = None, order_seeds: Mapping[str, int] | None = None,
                       ucfg: UserTrainConfig | None = None, peft: str | None = None, seed: int | None = None,
-                      max_len: int | None = None) -> dict[str, list[float]]:
+                      max_len: int | None = None,
+                      on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, list[float]]:
         """Train every user's module in batched passes (engine.Trainer); `on_user_done(uid, losses,
-        config, state)` receives each finished module. Returns {uid: per-epoch mean loss}."""
+        config, state)` receives each finished module, `on_step(n, {uid: batch loss})` every global
+        step. Returns {uid: per-epoch mean loss}."""
         from oppu.engine import Trainer, n_layers_of, peft_config
 
         ucfg = ucfg or self.ucfg
@@ -104,7 +106,7 @@ class Personalizer(Lifecycle):
         with self._training_base() as base:
             return Trainer(base, self.tok, examples_by_user, pcfg, ucfg, self.seed if seed is None else seed,
                            max_len or self.max_len, self.max_users_per_batch, on_user_done, self.tokens_per_forward,
-                           start=start, order_seeds=order_seeds).run()
+                           start=start, order_seeds=order_seeds, on_step=on_step).run()
 
     def train_to_dir(self, examples_by_user: Mapping[str, Sequence[Example]], out_dir: str | Path,
                      on_user_done: Callable[[str], None] = lambda uid: None, **kw) -> dict[str, list[float]]:

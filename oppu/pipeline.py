@@ -66,11 +66,13 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
         write_outputs(out / "predictions" / f"{m}.json", task.id, preds[m])
         metrics[m] = s.score(preds[m])
     write_json_atomic(out / "metrics.json", metrics)
+    spread = s.spread(preds, seed=cfg.seed) if len(test) > 1 else {}
     write_json_atomic(out / "raw_outputs.json", raw)
     timings["total_s"] = round(time.time() - t_start, 1)
     info = {"config": cfg.to_dict(), "task": task.id, "data": s.data_root, "test_users": len(test),
             "questions": len(order), "other_users": len(s.others), "profile_kind": s.profile_kind,
-            "base": s.base_info, "users": user_info, "timings": timings, "skipped_records": s.skipped}
+            "base": s.base_info, "users": user_info, "timings": timings, "skipped_records": s.skipped,
+            "spread": spread}
     write_json_atomic(out / "run.json", info)
     from oppu.report import write_report
     write_report(out, task.id, metrics, info)

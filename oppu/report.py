@@ -28,6 +28,20 @@ def metrics_table(metrics: dict[str, dict[str, float]], baseline: str = "non_per
     return "\n".join(lines)
 
 
+def spread_lines(spread: dict) -> str:
+    """The bootstrap over test users (oppu.spread) as text: each method's gap to non_personalized
+    with its 95% interval, and how often it was ahead over the resamples."""
+    if not spread.get("gap"):
+        return ""
+    lines = [f"\nGap to non_personalized, 95% interval from {spread['resamples']} resamples of the "
+             f"{spread['users']} test users (a gap whose interval spans 0 is within noise):\n"]
+    for m, gaps in spread["gap"].items():
+        cells = [f"{k} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}], ahead in {g['p_better']:.0%}"
+                 for k, g in gaps.items()]
+        lines.append(f"- {m}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
 def axis_label(metric: str) -> str:
     """A metric's axis label, saying when lower is better."""
     return metric + ("" if higher_is_better(metric) else " (lower is better)")
@@ -70,6 +84,7 @@ def write_report(out: Path, task: str, metrics: dict[str, dict[str, float]], inf
     text = f"""# oppu run: {task}
 
 {metrics_table(metrics)}
+{spread_lines(info.get("spread") or {})}
 
 ![methods]({png.name})
 

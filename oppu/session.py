@@ -127,12 +127,14 @@ class Session:
             if not exs:
                 raise ValueError(f"user {u.user_id!r} has no usable history item to train a PEFT on")
             exs_by_user[u.user_id] = exs
-        pt = self.progress.add_task(label or f"per-user {peft}", total=len(users))
         t0 = time.perf_counter()
-        if c.executor == "batched":
-            losses_by_user = self.p.train_to_dir(exs_by_user, adapters_dir, lambda uid: self.progress.advance(pt, 1),
-                                                 ucfg=ucfg, peft=peft, seed=seed)
+        if c.executor == "batched":  # progress in user-steps: one user's mini-batch each
+            steps = sum(ucfg.epochs * -(-len(e) // ucfg.batch_size) for e in exs_by_user.values())
+            pt = self.progress.add_task(label or f"per-user {peft} steps", total=steps)
+            losses_by_user = self.p.train_to_dir(exs_by_user, adapters_dir, ucfg=ucfg, peft=peft, seed=seed,
+                                                 on_step=lambda n, losses: self.progress.advance(pt, len(losses)))
         else:  # a process pool or a Ray cluster, each worker running the same engine
+            pt = self.progress.add_task(label or f"per-user {peft}", total=len(users))
             from oppu.engine import n_layers_of, peft_config
             from oppu.scale import train_sharded
             losses_by_user = train_sharded(self.base_info["path"], None, exs_by_user,
@@ -203,6 +205,17 @@ class Session:
         missing = [q for q in golds if q not in preds]
         if missing:
             raise KeyError(f"no prediction for {len(missing)} question(s), e.g. {missing[0]!r}")
+        return self.scorer()(golds, {q: preds[q] for q in golds})
+
+    def scorer(self) -> Callable[[dict[str, str], dict[str, str]], dict[str, float]]:
+        """(golds, preds) -> metrics: LaMP tasks by the official rules, user-registered tasks by their kind."""
         lamp = self.task.id in TASK_IDS
-        return score(self.task.id, golds, {q: preds[q] for q in golds},
-                     kind=None if lamp else self.task.kind, labels=None if lamp else (self.task.labels or None))
+        return lambda golds, preds: score(self.task.id, golds, preds, kind=None if lamp else self.task.kind,
+                                          labels=None if lamp else (self.task.labels or None))
+
+    def spread(self, preds_by_method: dict[str, dict[str, str]], seed: int = 0) -> dict:
+        """A paired bootstrap over the test users of every method's score and gap (oppu.spread)."""
+        from oppu.spread import user_bootstrap
+        return user_bootstrap(self.task.id, self.golds(), preds_by_method,
+                              {u.user_id: [q.id for q in u.queries] for u in self.test}, seed=seed,
+                              scorer=self.scorer())

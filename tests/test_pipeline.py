@@ -55,6 +55,16 @@ def test_run_writes_official_predictions_metrics_report_adapters(lora_run, world
         _, p, _ = read_outputs(out / "predictions" / f"{m}.json")
         assert score("LaMP_2M", g, p) == vals
     assert (out / "report.md").read_text().count("| oppu") == 3
+    # the spread in run.json is the bootstrap over test users of exactly these predictions
+    from oppu.spread import user_bootstrap
+    run = json.loads((out / "run.json").read_text())
+    preds = {m: read_outputs(out / "predictions" / f"{m}.json")[1] for m in metrics}
+    by_user = {}
+    for q in g:
+        by_user.setdefault(q.rsplit("-", 1)[0], []).append(q)
+    assert run["spread"] == json.loads(json.dumps(user_bootstrap("LaMP_2M", g, preds, by_user)))
+    assert run["spread"]["users"] == 3 and set(run["spread"]["gap"]) == set(metrics) - {"non_personalized"}
+    assert "Gap to non_personalized, 95% interval" in (out / "report.md").read_text()
     assert (out / "methods.png").stat().st_size > 1000
     users = sorted(p.name for p in (out / "adapters").iterdir())
     assert len(users) == 3
