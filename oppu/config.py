@@ -137,7 +137,10 @@ class RunConfig:
 # the paper's released settings: task adaptation LoRA r=8 on q,k,v (merged); per-user LoRA r=8
 # (alpha 8) on q,v, lr 1e-4, 2 epochs, weight decay 0.01, warm-up 0.1, clip 0.3; the official
 # LaMP instruction in the prompt (an instruct base reads it inside its chat template).
+# Task adaptation of a checkpoint is capped at 512 examples per epoch (a seeded sample of the other
+# users' items and questions): its cost no longer grows with the data (base_train.max_examples=0 lifts it).
 CHECKPOINT_DEFAULTS = {"base_train.epochs": 2, "base_train.lr": 1e-4, "base_train.lora_r": 8,
+                       "base_train.max_examples": 512,
                        "base_train.target_modules": "q_proj,k_proj,v_proj",
                        "user_train.epochs": 2, "user_train.lr": 1e-4, "user_train.lora_alpha": 8,
                        "user_train.target_modules": "q_proj,v_proj", "user_train.weight_decay": 0.01,
