@@ -137,11 +137,11 @@ def load_bench_base(base: str, out_dir: Path, corpus: list[str], device: str, se
     return model, tok
 
 
-def query_prompts(task, users) -> dict[str, str]:
+def query_prompts(task, users, style: str = "compact") -> dict[str, str]:
     """{user id: the plain prompt of the user's first query}."""
     from oppu.examples import query_prompt
 
-    return {u.user_id: query_prompt(task, u, u.queries[0], "plain", 0, "bm25", None) for u in users}
+    return {u.user_id: query_prompt(task, u, u.queries[0], "plain", 0, "bm25", None, style) for u in users}
 
 
 def corpus_of(examples: dict[str, list], prompts: dict[str, str] | None = None) -> list[str]:

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (corpus_of, emit, machine_info, peft_greedy, percentile, plain_examples, query_prompts, resolve,
-                     set_threads, sync, timed, timed_cpu, tiny_base, world_users)
+from _common import (corpus_of, emit, load_bench_base, machine_info, peft_greedy, percentile, plain_examples,
+                     query_prompts, resolve, set_threads, sync, timed, timed_cpu, world_users)
 
 KINDS = ("lora", "ia3", "prompt_tuning")
 
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--peft", default=",".join(KINDS), help="comma list of: lora, ia3, prompt_tuning")
-    ap.add_argument("--preset", default="tiny", help="tiny-base preset: micro | tiny | small")
+    ap.add_argument("--preset", default="tiny", help="tiny-base preset: micro | tiny | small (with --base tiny)")
+    ap.add_argument("--base", default="tiny", help="tiny (--preset), smollm2, a .gguf file or a local HF dir")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per arm; the fastest is kept")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -188,19 +189,24 @@ def main(argv: list[str] | None = None) -> dict:
         users, task = world_users(tmp, args.users, 8, 16, args.seed)
         by_user = query_prompts(task, users)
         uids, prompts = list(by_user), list(by_user.values())
-        model, _ = tiny_base(tmp / "base", corpus_of(plain_examples(task, users), by_user), args.preset, device,
-                               args.seed)
-        ucfg = UserTrainConfig()
+        tiny = args.base == "tiny" or args.base.startswith("tiny:")
+        model, _ = load_bench_base(f"tiny:{args.preset}" if args.base == "tiny" else args.base, tmp / "base",
+                                   corpus_of(plain_examples(task, users), by_user), device, args.seed)
+        base_dir = Path(model.name_or_path)
+        if not tiny:  # a checkpoint: the checkpoint defaults' LoRA targets, full-style (chat) prompts
+            by_user = query_prompts(task, users, "full")
+            prompts = list(by_user.values())
+        ucfg = UserTrainConfig() if tiny else UserTrainConfig(target_modules="q_proj,v_proj", lora_alpha=8)
         for kind in kinds:
             dirs = make_adapters(model, kind, uids, ucfg, args.seed, tmp / "adapters")
-            mixed, outs_m = mixed_arm(tmp / "base", dirs, prompts, uids, args, device)
-            swap, outs_s = swap_arm(tmp / "base", dirs, prompts, uids, args, device)
+            mixed, outs_m = mixed_arm(base_dir, dirs, prompts, uids, args, device)
+            swap, outs_s = swap_arm(base_dir, dirs, prompts, uids, args, device)
             r = {"mixed": mixed, "adapter_swap": swap,
                  "ratio_vs_adapter_swap": round(swap["wall_s"] / mixed["wall_s"], 3),
                  "ratio_vs_adapter_swap_cpu": round(swap["cpu_s"] / mixed["cpu_s"], 3),
                  "outputs_identical": round(sum(a == b for a, b in zip(outs_m, outs_s)) / len(outs_m), 4)}
             if kind == "lora":
-                names, outs_n = adapter_names_arm(tmp / "base", dirs, prompts, uids, args, device)
+                names, outs_n = adapter_names_arm(base_dir, dirs, prompts, uids, args, device)
                 r["peft_adapter_names"] = names
                 r["ratio_vs_peft_adapter_names"] = round(names["wall_s"] / mixed["wall_s"], 3)
                 r["outputs_identical_adapter_names"] = round(
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{kind}: mixed {mixed['tokens_per_s']} tok/s, swap {swap['tokens_per_s']} tok/s, "
                   f"ratio {r['ratio_vs_adapter_swap']}", file=sys.stderr)
     result = {"benchmark": "serve_users", "users": len(uids), "requests": len(prompts), "preset": args.preset,
-              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": results,
+              "base": args.base, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "results": results,
               "machine": machine_info(device)}
     emit(result)
     return result
