@@ -269,3 +269,25 @@ def test_tokens_are_stored_hashed(store):
     raw = [tuple(r) for r in store.db.conn().execute("SELECT * FROM tokens")]
     assert tok not in repr(raw)
     assert store.tokens.revoke(uid) == 1 and store.tokens.user_for(tok) is None
+
+
+# -- file modes ----------------------------------------------------------------------------------
+def test_store_files_are_private_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    root = tmp_path / "older" / "store"
+    root.mkdir(parents=True, mode=0o755)  # a store made before: opening it makes it private
+    old = os.umask(0o022)
+    try:
+        with AdapterStore(root) as st:
+            uid = st.new_user()
+            st.add_history(uid, TASK, [{"id": "1", "description": "d", "tag": "t"}])
+            v = st.put_version(uid, fake_adapter(), task=TASK, peft_type="lora")
+            st.cache_dir(uid)
+            paths = [root, root / "store.db", root / "store.db-wal", root / "adapters", st.path(v).parent,
+                     st.path(v), *(st.path(v) / n for n in ADAPTER_FILES), root / "tmp", root / "cache"]
+            modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    finally:
+        os.umask(old)
+    assert modes == {k: "0o700" if (tmp_path / k).is_dir() else "0o600" for k in modes}, modes

@@ -5,6 +5,7 @@ connection; writes take a process-wide lock plus SQLite's own write lock (`BEGIN
 which also serialises writers in other processes). `secure_delete` is on for every
 connection, so deleted rows are overwritten with zeros, and `scrub()` (VACUUM + a truncating
 WAL checkpoint) makes sure no old page image of deleted data survives in the db or WAL file.
+The db file is created 0600 before SQLite opens it (SQLite gives the WAL and shm files its mode).
 
     db = Database(root / "store.db")
     with db.write() as c:
@@ -19,6 +20,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from oppu.store.files import private_file
 
 SCHEMA_VERSION = 1
 JOB_STATUSES = ("queued", "running", "done", "failed")
@@ -77,6 +80,9 @@ USER_TABLES = ("history_items", "adapter_versions", "jobs", "tokens", "users")  
 class Database:
     def __init__(self, path: str | Path, timeout_s: float = 30.0):
         self.path = Path(path)
+        for p in (self.path, *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm"))):
+            if p is self.path or p.exists():  # SQLite gives the WAL and shm files the db file's mode
+                private_file(p)
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []

@@ -5,6 +5,9 @@
     root/cache/<user dir>/                      derived per-user data (retrieval index, profile)
     root/tmp/<pid>.<random>/                    versions being written (never visible)
 
+Folders are created 0700 and files 0600 (the root too, when a store opens): nothing in a store
+is readable by another local account.
+
 A version becomes visible only when its DB row commits, and the row commits only after its
 files were fsynced, hashed and renamed into place (see `put_version`): a crash at any point
 leaves either no version or a complete one. Leftovers (temp dirs, version dirs without a row,
@@ -31,7 +34,7 @@ from oppu.store.db import USER_TABLES, Database
 from oppu.store.errors import (CorruptAdapterError, HistoryError, NoAdapter, StoreError, UnknownUser,
                                UnknownVersion, UserExists, InvalidUserId)
 from oppu.store.files import (ADAPTER_FILES, check_file, clean_temp_dirs, fsync_dir, new_temp_dir,
-                              read_checked, release_temp_dir, safe_user_dir, seal, write_files)
+                              private_dir, read_checked, release_temp_dir, safe_user_dir, seal, write_files)
 from oppu.store.jobs import Jobs, Tokens
 from oppu.store.records import HistoryItem, Served, UserInfo, Version, version_from_row
 
@@ -55,8 +58,7 @@ def _remove(p: Path) -> None:
 
 class AdapterStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root).resolve())  # 0700: history and adapters are the user's
         self._adapters = self.root / "adapters"
         self._cache = self.root / "cache"
         self._tmp = self.root / "tmp"
@@ -113,8 +115,7 @@ class AdapterStore:
     def cache_dir(self, user_id: str) -> Path:
         """A folder for derived per-user data (retrieval index, profile); delete_user removes it."""
         d = self._inside(self._cache / safe_user_dir(self._require_user(user_id)), self._cache)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return private_dir(d)
 
     def delete_user(self, user_id: str) -> dict[str, Any]:
         """Remove every row, file and cache of the user, then scrub the db and WAL files."""
@@ -213,7 +214,7 @@ class AdapterStore:
                 final = self._inside(self.root / rel, self._adapters)
                 if final.exists():  # left by a crash after the rename (no row): not a version
                     shutil.rmtree(final)
-                final.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(final.parent)
                 os.rename(tmp, final)
                 renamed = True
                 fsync_dir(final.parent)
