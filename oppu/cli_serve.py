@@ -4,12 +4,17 @@
     oppu user create --store var/oppu            # {"user_id": ..., "token": ...} (token shown once)
     oppu user token --store var/oppu USER_ID     # a fresh token (--revoke: the old ones stop working)
     oppu user list --store var/oppu
+    oppu user versions --store var/oppu USER_ID  # every version: active? intact?
+    oppu user rollback --store var/oppu USER_ID 1
+    oppu user import --store var/oppu user.oppu [--user-id ID]   # passphrase: prompt, or OPPU_PASSPHRASE
     oppu user delete --store var/oppu USER_ID --yes
 
 Also runnable as `python -m oppu.cli_serve serve ...`. The `user` commands open the store
 directly (SQLite WAL; safe beside a running server); with a server running prefer its API for
 deletes, which also drops the adapter from the serving model at once (the server otherwise
-notices on the user's next request).
+notices on the user's next request; a rollback too). `user import` runs every check of an
+import but the one that needs the base (that the adapter loads on it); with a server running,
+POST /v1/users/import runs that one as well.
 """
 from __future__ import annotations
 
@@ -173,7 +178,82 @@ def user_list(store: Path = typer.Option(..., help="store directory")):
             info = st.user(uid)
             print(json.dumps({"user_id": uid, "task": info.task, "active_version": info.active_version,
                               "versions": [v.version for v in st.versions(uid)],
-                              "history_items": len(st.history(uid))}))
+                              "history_items": st.count_history(uid)}))
+
+
+@user_app.command("versions")
+def user_versions(user_id: str = typer.Argument(...), store: Path = typer.Option(..., help="store directory")):
+    """One JSON line per adapter version: active?, intact? (its files re-hashed), note, parent."""
+    from oppu.store import AdapterStore, CorruptAdapterError, StoreError
+    with AdapterStore(store) as st:
+        try:
+            active = st.active_version(user_id)
+            for v in st.versions(user_id):
+                try:
+                    st.verify(user_id, v.version)
+                    problem = None
+                except CorruptAdapterError as e:
+                    problem = f"file {e.file!r} {e.reason}"
+                print(json.dumps({"version": v.version, "active": v.version == active, "intact": problem is None,
+                                  "problem": problem, "created": v.created, "parent_version": v.parent_version,
+                                  "note": v.note, "history_seq": v.history_seq}))
+        except StoreError as e:
+            _fail(str(e))
+
+
+@user_app.command("rollback")
+def user_rollback(user_id: str = typer.Argument(...), version: int = typer.Argument(..., help="an intact version"),
+                  store: Path = typer.Option(..., help="store directory")):
+    """Make an existing version active again after checking its files (a running server serves it
+    from the user's next request)."""
+    from oppu.store import AdapterStore, StoreError
+    with AdapterStore(store) as st:
+        try:
+            st.verify(user_id, version)
+            st.set_active(user_id, version)
+            print(json.dumps({"user_id": user_id, "active_version": st.active_version(user_id)}))
+        except StoreError as e:
+            _fail(str(e))
+
+
+@user_app.command("import")
+def user_import(file: Path = typer.Argument(..., help="an export (POST /v1/users/{id}/adapter)"),
+                store: Path = typer.Option(..., help="store directory"),
+                user_id: Optional[str] = typer.Option(None, help="the new user's id (default: the exported one)"),
+                passphrase_file: Optional[Path] = typer.Option(None, help="file holding the passphrase (one final "
+                                                                          "newline is dropped, nothing else)")):
+    """A new user from an encrypted export: its adapter as v1 (active), its history, and a token
+    (printed once as JSON). The passphrase comes exactly as given: OPPU_PASSPHRASE, --passphrase-file,
+    else a prompt."""
+    from oppu.crypto import CryptoError
+    from oppu.store import AdapterStore, StoreError
+    from oppu.transfer import import_into, read_export
+
+    try:
+        blob = file.read_bytes()
+    except OSError as e:
+        _fail(f"cannot read {file}: {e}")
+    secret = _passphrase(passphrase_file)
+    with AdapterStore(store) as st:
+        try:
+            v = import_into(st, read_export(blob, secret, user_id=user_id))
+            print(json.dumps({"user_id": v.user_id, "token": st.tokens.issue(v.user_id), "active_version": v.version,
+                              "history_items": st.count_history(v.user_id)}))
+        except (CryptoError, StoreError, ValueError) as e:
+            _fail(str(e))
+
+
+def _passphrase(passphrase_file: Optional[Path]) -> str:
+    """The passphrase exactly as given (never trimmed; oppu.crypto NFC-normalizes it)."""
+    if passphrase_file is not None:
+        try:
+            text = passphrase_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"cannot read --passphrase-file {passphrase_file}: {e}")
+        return text[:-1] if text.endswith("\n") else text
+    if "OPPU_PASSPHRASE" in os.environ:
+        return os.environ["OPPU_PASSPHRASE"]
+    return typer.prompt("passphrase", hide_input=True)
 
 
 @user_app.command("delete")

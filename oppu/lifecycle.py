@@ -9,19 +9,18 @@ one decode serves many users' requests (`answer_rows`).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from oppu import crypto
-from oppu.config import PEFT_TYPES
 from oppu.data.users import Query
 from oppu.history import as_user, replay_sample, validate_items
-from oppu.store import HistoryError, Job, JobError, NoAdapter, Version, validate_user_id
-from oppu.store.bundle import BundleError, pack, unpack
+from oppu.store import (CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, UnknownUser, Version,
+                        validate_user_id)
+from oppu.store.bundle import BundleError
 from oppu.tasks import get_task
+from oppu.transfer import check_config, export_blob, import_into, read_export
 
 log = logging.getLogger("oppu")
 
@@ -211,6 +210,7 @@ class Lifecycle:
         """Make an older (or any existing) version active again, after checking its files."""
         self.store.verify(user_id, version)
         self.store.set_active(user_id, version)
+        self._corrupt.pop(user_id, None)
         return self.store.version(user_id, version)
 
     def versions(self, user_id: str) -> list[Version]:
@@ -257,8 +257,6 @@ class Lifecycle:
 
     def _ensure_loaded(self, uid: str) -> int:
         """The version serving `uid` (verified; a corrupt newest one falls back), loaded in the slots."""
-        from oppu.store import UnknownUser
-
         try:
             active = self.store.active_version(uid)
         except UnknownUser:
@@ -268,13 +266,26 @@ class Lifecycle:
         if key is not None and key[0] == active:
             self.slots.ensure(uid, key, None)
             return key[1]
-        served = self.store.resolve_active(uid)  # checksums; NoAdapter when there is none
+        served = self._resolve(uid, active)
         self.slots.ensure(uid, (active, served.version.version), served.path)
         self._skips[uid] = [str(e) for e in served.skipped]
         if served.skipped:
             log.warning("user %s: serving v%d; newer version(s) refused: %s", uid, served.version.version,
                         "; ".join(self._skips[uid]))
         return served.version.version
+
+    def _resolve(self, uid: str, active: int | None) -> Served:
+        """resolve_active, remembering a user with no intact version: until their active version
+        changes (rollback, a new version) it is refused at once, logged only the first time."""
+        known = self._corrupt.get(uid)
+        if known is not None and known[0] == active:
+            raise known[1]
+        try:
+            return self.store.resolve_active(uid)  # checksums; NoAdapter when there is none
+        except CorruptAdapterError as e:
+            self._corrupt[uid] = (active, e)
+            log.error("user %s: no intact adapter version (%s); refused until a rollback or a new version", uid, e)
+            raise
 
     def answer(self, user_id: str, inputs: Sequence[str], k: int | None = None) -> Generation:
         """Answer LaMP-style inputs with the user's active adapter (verified; a corrupt one falls
@@ -298,51 +309,30 @@ class Lifecycle:
         """Everything of the user: history, versions and files, jobs, tokens, loaded weights, caches."""
         self._prompt_caches.pop(user_id, None)
         self._skips.pop(user_id, None)
+        self._corrupt.pop(user_id, None)
         with self.lock:
             self.slots.drop(user_id)
         return self.store.delete_user(user_id)
 
     def export_user(self, user_id: str, passphrase: str, include_history: bool = True) -> bytes:
-        """One encrypted file: the active version's files (checksum-verified), its metadata and,
-        optionally, the history."""
-        info = self.store.user(user_id)
-        if info.active_version is None:
-            raise NoAdapter(f"user {user_id!r} has no adapter to export; train one first")
-        v = self.store.version(user_id, info.active_version)
-        files = self.store.read_version_files(user_id, v.version)
-        history = self.store.history(user_id) if include_history else None
-        return crypto.encrypt(pack(user_id, v.task, v, files, history), passphrase)
+        """One encrypted file: the newest intact version's files (checksum-verified; the active one
+        unless it is corrupt), its metadata and, optionally, the history."""
+        return self.export_served(user_id, passphrase, include_history)[0]
+
+    def export_served(self, user_id: str, passphrase: str, include_history: bool = True) -> tuple[bytes, Served]:
+        """export_user, and which version went out (`.skipped`: corrupt newer ones, why)."""
+        return export_blob(self.store, user_id, passphrase, include_history)
 
     def import_user(self, blob: bytes, passphrase: str, user_id: str | None = None) -> Version:
         """A new user (the exported id, or `user_id`) with the export's adapter as v1 and its
         history. Every check (passphrase, integrity, task, items, loading onto this base through
         the engine) runs before anything is written; a failure leaves the store unchanged."""
-        b = unpack(crypto.decrypt(blob, passphrase))
-        if get_task(b.task).id != self.task.id:
-            raise BundleError(f"the export is for task {b.task!r}; this personalizer serves {self.task.id!r}")
-        if b.adapter["peft_type"] not in PEFT_TYPES:
-            raise BundleError(f"unknown PEFT type {b.adapter['peft_type']!r} in the export; valid: {PEFT_TYPES}")
-        uid = validate_user_id(user_id if user_id is not None else b.user_id)
-        history = []
-        if b.history is not None:
-            items = validate_items(self.task, [it for _, it in b.history])
-            history = [(seq, it) for (seq, _), it in zip(b.history, items)]
-        hseq = b.adapter["history_seq"] if history else 0
-        fields = {"peft_type": b.adapter["peft_type"], "parent_version": None, "history_seq": hseq,
-                  "note": f"imported (exported as v{b.adapter['version']})",
-                  "meta": {**b.adapter["meta"], "imported": True}}
-        return self.store.import_user(uid, self.task.id, history, b.files, fields,
-                                      check=lambda d: self._check_loads(d, b.adapter["peft_type"]))
+        incoming = read_export(blob, passphrase, self.task.id, user_id)
+        return import_into(self.store, incoming, check=lambda d: self._check_loads(d, incoming.fields["peft_type"]))
 
     def _check_loads(self, d: Path, expected: str) -> None:
         """The files must be an adapter the engine runs on this base before they are kept."""
-        try:
-            cfg = json.loads((d / "adapter_config.json").read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"the export's adapter_config.json is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict) or str(cfg.get("peft_type") or "").lower() != expected.lower():
-            raise BundleError(f"the export's adapter_config.json says peft_type {cfg.get('peft_type')!r}, "
-                              f"its metadata says {expected!r}")
+        check_config((d / "adapter_config.json").read_bytes(), expected)
         with self.lock:
             try:
                 self.slots.check(d)

@@ -62,6 +62,7 @@ class Personalizer(Lifecycle):
         self._slots = None
         self._prompt_caches: dict[str, tuple[int, dict]] = {}   # user -> (last history seq, retriever cache)
         self._skips: dict[str, list[str]] = {}                  # user -> corrupt versions skipped when loaded
+        self._corrupt: dict[str, tuple] = {}                    # user -> (active version, error): none intact
 
     # -- examples and prompts (pure) ---------------------------------------------------------
     def examples(self, user: User, variants: Sequence[str] | None = None, k: int | None = None) -> list[Example]:

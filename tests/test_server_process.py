@@ -163,7 +163,7 @@ def test_docs_walkthrough_runs_against_the_live_server(server):
             for name, key in re.findall(r"(\w+)=<(\w+)>", cmd):
                 env[name] = str(last[key])
             continue
-        assert cmd.startswith("curl "), f"unexpected walkthrough line: {line}"
+        assert cmd.startswith("curl ") or "| curl " in cmd, f"unexpected walkthrough line: {line}"
         end = time.monotonic() + 60
         while True:
             r = subprocess.run(["bash", "-c", cmd], cwd=server.workdir, env=env, capture_output=True, text=True,
@@ -177,14 +177,25 @@ def test_docs_walkthrough_runs_against_the_live_server(server):
         seen.append((cmd, last))
     by_path = {re.search(r"\$PORT(\S+)", c).group(1): a for c, a in seen}  # the last answer per path
     assert by_path["/healthz"]["status"] == "ok"
-    assert by_path["/v1/users/$USER_ID/history"]["added"] == 4
-    assert by_path["/v1/jobs/$JOB_ID"]["status"] == "done" and by_path["/v1/jobs/$JOB_ID"]["version"] == 1
+    assert by_path["/v1/users/$USER_ID/history"]["added"] == 1
+    assert by_path["/v1/jobs/$JOB_ID"]["status"] == "done" and by_path["/v1/jobs/$JOB_ID"]["version"] == 2
     assert by_path["/v1/users/$USER_ID/generate"]["adapter_version"] == 1
+    listed = by_path["/v1/users/$USER_ID/versions"]
+    assert listed["active_version"] == 2 and [(v["version"], v["intact"]) for v in listed["versions"]] == \
+        [(1, True), (2, True)]
+    assert by_path["/v1/users/$USER_ID/rollback"]["active_version"] == 1
+    rotated = by_path["/v1/users/$USER_ID/token"]
+    assert rotated["revoked"] == 1 and rotated["token"] == env["TOKEN"]
+    restored = by_path["/v1/users/import"]
+    assert (restored["user_id"], restored["active_version"], restored["history_items"]) == ("restored", 1, 5)
     assert seen[-2][1] == {"user_id": env["USER_ID"], "deleted": True} and seen[-1][1] == {"raw": "401"}
     from oppu import crypto
     from oppu.store.bundle import unpack
     bundle = unpack(crypto.decrypt((server.workdir / "user.oppu").read_bytes(), "correct horse battery staple"))
-    assert bundle.user_id == env["USER_ID"] and bundle.adapter["version"] == 1 and len(bundle.history) == 4
+    assert bundle.user_id == env["USER_ID"] and bundle.adapter["version"] == 1 and len(bundle.history) == 5
+    api = Api(server.url, restored["token"])  # the restored user answers with the exported v1
+    assert api.ok("POST", "/v1/users/restored/generate",
+                  json={"task": "LaMP_2M", "input": "robots at war"})["adapter_version"] == 1
 
 
 # -- crash safety --------------------------------------------------------------------------------
@@ -295,7 +306,7 @@ def test_fuzz_api_from_openapi_spec_no_5xx(server):
     api.train(uid)
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     ops = sorted((r.ok() for r in schema.get_all_operations()), key=lambda op: op.method.upper() == "DELETE")
-    assert len(ops) == 10
+    assert len(ops) == 14
     statuses: dict[str, set[int]] = {}
     n = {"calls": 0}
 

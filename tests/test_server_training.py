@@ -53,7 +53,7 @@ def test_full_flow_create_history_train_generate_update_export_delete(svc_client
     info = c.get(f"/v1/users/{uid}", headers=h).json()
     assert info == {"user_id": uid, "task": "LaMP_2M", "active_version": 2, "versions": [1, 2], "history_items": 9}
     # export: decrypts with the passphrase to the active version's files and the history
-    ex = c.get(f"/v1/users/{uid}/adapter", headers={**h, "X-Oppu-Passphrase": "correct horse battery"})
+    ex = c.post(f"/v1/users/{uid}/adapter", json={"passphrase": "correct horse battery"}, headers=h)
     assert ex.status_code == 200 and ex.headers["content-type"] == "application/octet-stream"
     assert ex.headers["x-oppu-adapter-version"] == "2"
     with pytest.raises(crypto.DecryptionError):
@@ -62,7 +62,7 @@ def test_full_flow_create_history_train_generate_update_export_delete(svc_client
     assert bundle.user_id == uid and bundle.adapter["version"] == 2
     assert bundle.files == svc.store.read_version_files(uid, 2)
     assert [it["id"] for _, it in bundle.history] == [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(3)]
-    nohist = c.get(f"/v1/users/{uid}/adapter?history=false", headers={**h, "X-Oppu-Passphrase": "correct horse"})
+    nohist = c.post(f"/v1/users/{uid}/adapter", json={"passphrase": "correct horse", "history": False}, headers=h)
     assert unpack(crypto.decrypt(nohist.content, "correct horse")).history is None
     # delete: the token stops working, the admin sees 404, the adapter leaves the serving model
     assert c.delete(f"/v1/users/{uid}", headers=h).json() == {"user_id": uid, "deleted": True}

@@ -166,6 +166,11 @@ class AdapterStore:
                                       "ORDER BY seq", (user_id, after_seq))
         return [HistoryItem(r["seq"], r["item_id"], json.loads(r["json"])) for r in rows]
 
+    def count_history(self, user_id: str) -> int:
+        """How many items the user has (one SQL count; nothing is read)."""
+        self._require_user(user_id)
+        return self.db.conn().execute("SELECT COUNT(*) FROM history_items WHERE user_id=?", (user_id,)).fetchone()[0]
+
     def _bind_task(self, c, user_id: str, task: str) -> None:
         row = c.execute("SELECT task FROM users WHERE user_id=?", (user_id,)).fetchone()
         if row is None:
