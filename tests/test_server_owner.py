@@ -173,3 +173,24 @@ def test_user_commands_list_versions_roll_back_and_import(svc_client, tmp_path):
     wrong = run(app, ["user", "import", str(tmp_path / "u.oppu"), "--store", store, "--user-id", "cli-2"],
                 env={"OPPU_PASSPHRASE": "pass phrase"})
     assert wrong.exit_code == 2 and "wrong passphrase" in wrong.output and not svc.store.has_user("cli-2")
+
+
+def test_a_user_past_a_limit_gets_429_and_others_do_not(base, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from oppu.server.limits import Limit
+
+    svc = make_service(base, tmp_path / "store", limits={"export": Limit(rate=0.01, burst=2, concurrent=1)})
+    with TestClient(create_app(svc)) as c:
+        (a, ta), (b, tb) = trained_user(c), trained_user(c, seed=2)
+        body = {"passphrase": "correct horse"}
+        assert [c.post(f"/v1/users/{a}/adapter", json=body, headers=bearer(ta)).status_code for _ in range(2)] == \
+            [200, 200]
+        r = c.post(f"/v1/users/{a}/adapter", content=b"{not even json", headers=bearer(ta))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text  # refused before the body
+        assert "export rate limit of this user exceeded" in r.json()["detail"]
+        assert c.post(f"/v1/users/{b}/adapter", json=body, headers=bearer(tb)).status_code == 200
+        assert c.post(f"/v1/users/{a}/generate", json=GEN, headers=bearer(ta)).status_code == 200
+        assert c.post(f"/v1/users/{a}/adapter", json=body, headers=A).status_code == 200  # the operator is not limited
+        assert 'route="/v1/users/{user_id}/adapter",status="429"' in c.get("/metrics").text
+    svc.store.close()

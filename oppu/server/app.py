@@ -11,7 +11,7 @@ templates, never ids).
 
 Errors are JSON {"detail": "..."} naming the problem: 422 for invalid bodies (field path first,
 e.g. "body.items: List should have at most 1000 items"; JSON is strict: no NaN/Infinity, no
-true for a number), 413 for oversized bodies, 404 unknown user/job/version/no adapter, 409 state
+true for a number), 413 for oversized bodies, 429 past a per-user limit (with Retry-After), 404 unknown user/job/version/no adapter, 409 state
 conflicts (a job already running, nothing new to train on, no intact adapter version).
 The owner's own operations (export, import, token rotation, versions, rollback, delete):
 oppu/server/owner_routes.py.
@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 import oppu.server.schemas as S
 from oppu.crypto import CryptoError
 from oppu.server.guard import AUTH_ERRORS, NEEDS_ADMIN, NO_STORE, NOT_OWN, UserId, guarded_route
+from oppu.server.limits import Refused
 from oppu.server.middleware import BodyLimit, RequestMetrics, problem
 from oppu.server.owner_routes import owner_routes
 from oppu.server.service import Caller, Conflict, Service
@@ -40,6 +41,11 @@ log = logging.getLogger("oppu.server")
 STATUS = [(InvalidUserId, 422), (HistoryError, 422), (CryptoError, 422), (BundleError, 422), (UnknownUser, 404),
           (NoAdapter, 404), (UnknownVersion, 404), (JobError, 404), (UserExists, 409), (Conflict, 409)]
 ADMIN_PATHS = frozenset({"/v1/users", "/v1/users/import"})
+ROUTE_CLASS = {("POST", "/v1/users/{user_id}/generate"): "generate", ("POST", "/v1/users/{user_id}/adapter"): "export",
+               ("POST", "/v1/users/import"): "export", ("POST", "/v1/users/{user_id}/train"): "train",
+               ("POST", "/v1/users/{user_id}/history"): "history", ("POST", "/v1/users/{user_id}/token"): "account",
+               ("POST", "/v1/users/{user_id}/rollback"): "account", ("DELETE", "/v1/users/{user_id}"): "account",
+               ("POST", "/v1/users"): "account"}  # anything else under /v1: "read"
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
@@ -129,7 +135,7 @@ def create_app(svc: Service) -> FastAPI:
                        overrides={"/v1/users/import": svc.cfg.max_import_bytes})
     app.add_middleware(RequestMetrics, metrics=svc.metrics)
     _handlers(app)
-    app.router.route_class = guarded_route(svc.authenticate, ADMIN_PATHS)
+    app.router.route_class = guarded_route(svc.authenticate, ADMIN_PATHS, _admit(svc))
     caller, admin, owner = _auth(svc)
     # Registration order is the route and OpenAPI path order.
     _ops_routes(app, svc)
@@ -138,6 +144,24 @@ def create_app(svc: Service) -> FastAPI:
     _inference_routes(app, svc, owner)
     owner_routes(app, svc, admin, owner)
     return app
+
+
+def _admit(svc: Service):
+    """Per-user limits (oppu.server.limits) on every /v1 route, by route class: past them, 429 with
+    Retry-After at once, before the body is read. The admin token is the operator's: not limited."""
+    async def admit(request: Request, caller: Caller, path: str, call_next):
+        if caller.admin:
+            return await call_next()
+        cls = ROUTE_CLASS.get((request.method, path), "read")
+        got = svc.limits.admit(request.path_params.get("user_id") or caller.user_id, cls, time.monotonic())
+        if isinstance(got, Refused):
+            raise HTTPException(429, got.reason, headers={"Retry-After": str(got.retry_after_s)})
+        try:
+            return await call_next()
+        finally:
+            svc.limits.release(got)
+
+    return admit
 
 
 def _auth(svc: Service):

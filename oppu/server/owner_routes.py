@@ -9,9 +9,11 @@
 
 Passphrases travel in the JSON body, exactly as typed (a header would arrive Latin-1 decoded and
 trimmed). Answers carrying a token or an export say `Cache-Control: no-store`. An export whose
-active version is corrupt carries the newest intact one and says so (X-Oppu-Fallback).
+active version is corrupt carries the newest intact one and says so (X-Oppu-Fallback). Exports and
+imports (a full scrypt each) run on the service's bounded crypto pool, never on the shared threads.
 """
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Response
@@ -19,6 +21,11 @@ from fastapi import Depends, FastAPI, Response
 import oppu.server.schemas as S
 from oppu.server.guard import AUTH_ERRORS, NO_STORE, UserId
 from oppu.server.service import Caller, Service
+
+
+async def _on(pool, fn, *args):
+    """fn(*args) on a bounded pool (scrypt: one user's exports cannot take every thread)."""
+    return await asyncio.wrap_future(pool.submit(fn, *args))
 
 
 def owner_routes(app: FastAPI, svc: Service, admin, owner) -> None:
@@ -32,10 +39,10 @@ def _transfer_routes(app: FastAPI, svc: Service, admin, owner) -> None:
     @app.post("/v1/users/{user_id}/adapter", response_class=Response, tags=["users"],
               responses={**AUTH_ERRORS, 200: {"content": {"application/octet-stream": {}},
                                               "description": "the encrypted export (oppu.crypto format)"}})
-    def export(user_id: UserId, body: S.ExportIn, _: Owner):
+    async def export(user_id: UserId, body: S.ExportIn, _: Owner):
         """The newest intact adapter version (the active one unless its files fail their checksums:
         then X-Oppu-Fallback names it), its metadata and the history, encrypted with the passphrase."""
-        blob, served = svc.export(user_id, body.passphrase, body.history)
+        blob, served = await _on(svc.crypto, svc.export, user_id, body.passphrase, body.history)
         version = served.version.version
         headers = {**NO_STORE, "Content-Disposition": f'attachment; filename="{user_id}.v{version}.oppu"',
                    "X-Oppu-Adapter-Version": str(version)}
@@ -46,10 +53,10 @@ def _transfer_routes(app: FastAPI, svc: Service, admin, owner) -> None:
 
     @app.post("/v1/users/import", status_code=201, response_model=S.Imported, responses=AUTH_ERRORS,
               tags=["users"])
-    def import_user(body: S.ImportIn, response: Response, _: Annotated[Caller, Depends(admin)]):
+    async def import_user(body: S.ImportIn, response: Response, _: Annotated[Caller, Depends(admin)]):
         """Admin: a new user from an export (checked end to end and loaded onto this base before
         anything is written), with the export's adapter as v1 and its history; and a token."""
-        v, token = svc.import_user(body.blob(), body.passphrase, body.user_id)
+        v, token = await _on(svc.crypto, svc.import_user, body.blob(), body.passphrase, body.user_id)
         response.headers.update(NO_STORE)
         return S.Imported(user_id=v.user_id, token=token, active_version=v.version,
                           history_items=svc.store.count_history(v.user_id))

@@ -28,13 +28,14 @@ import hmac
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from oppu.config import TRAINER_BASES, UserTrainConfig
 from oppu.personalizer import Personalizer
 from oppu.server.batcher import Batcher
+from oppu.server.limits import Limits
 from oppu.server.metrics import Metrics
 from oppu.server.schemas import MAX_K
 from oppu.server.worker import TrainWorker, version_of
@@ -76,6 +77,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
     max_import_bytes: int = 64 << 20    # POST /v1/users/import bodies (the export, base64)
     generate_timeout_s: float = 120.0
+    limits: dict = field(default_factory=dict)  # route class -> limits.Limit, over limits.DEFAULT_LIMITS
+    crypto_workers: int = 1             # threads for scrypt (export, import), shared by every user
     shutdown_grace_s: float = 30.0      # how long a shutdown waits for a running training job
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class ServeConfig:
             raise ValueError(f"unknown trainer_base {self.trainer_base!r}; valid: {', '.join(TRAINER_BASES)}")
         if not 0 <= self.k <= MAX_K:
             raise ValueError(f"k must be in [0, {MAX_K}], got {self.k}")
+        if self.crypto_workers < 1:
+            raise ValueError(f"crypto_workers must be >= 1, got {self.crypto_workers}")
 
 
 def _digest(token: str) -> bytes:
@@ -113,6 +118,8 @@ class Service:
                                on_batch=self.metrics.batch_rows.observe)
         self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000)
         self._jobs_lock = threading.Lock()
+        self.limits = Limits(cfg.limits)
+        self.crypto = ThreadPoolExecutor(max_workers=cfg.crypto_workers, thread_name_prefix="oppu-crypto")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +137,7 @@ class Service:
             log.warning("training job %s still running at shutdown; the next start marks it failed",
                         self.worker.current)
         self.batcher.close()
+        self.crypto.shutdown(wait=False, cancel_futures=True)
         return stopped
 
     # -- auth ----------------------------------------------------------------------------------
@@ -162,7 +170,9 @@ class Service:
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)
         self.store.user(uid)  # UnknownUser before anything else happens
-        return self.p.delete_user(uid)
+        out = self.p.delete_user(uid)
+        self.limits.forget(uid)
+        return out
 
     def export(self, uid: str, passphrase: str, include_history: bool = True) -> tuple[bytes, Served]:
         """The encrypted export of the newest intact version; `Served.skipped`: corrupt newer ones."""
