@@ -20,20 +20,12 @@ from oppu.store import (CorruptAdapterError, HistoryError, Job, JobError, NoAdap
                         validate_user_id)
 from oppu.store.bundle import BundleError
 from oppu.tasks import get_task
+from oppu.train_session import JobPlan, TrainResult, TrainSession, fail_job
 from oppu.transfer import check_config, export_blob, import_into, read_export
 
+__all__ = ["Generation", "Lifecycle", "TrainResult"]
+
 log = logging.getLogger("oppu")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    user_id: str
-    version: int
-    parent_version: int | None
-    job_id: str
-    losses: list[float]
-    sources: tuple[str, ...]      # the examples' sources ("item:<id>"), in history order
-    history_seq: int
 
 
 @dataclass(frozen=True)
@@ -46,30 +38,6 @@ class Generation:
     @property
     def fell_back(self) -> bool:
         return bool(self.skipped)
-
-
-@dataclass
-class _Plan:
-    """One job's training data, decided before the batched pass."""
-    job_id: str
-    user_id: str
-    kind: str
-    examples: list
-    history_seq: int
-    meta: dict[str, Any]
-    parent: int | None = None
-    start: tuple | None = None
-    order_seed: int | None = None
-
-
-def _shape_groups(plans: dict[str, _Plan]) -> list[list[str]]:
-    """Users whose modules have the same tensor shapes (fresh ones share the run's config), in order:
-    a pass stacks its users' tensors, so a module of another rank or other targets gets its own."""
-    groups: dict[Any, list[str]] = {}
-    for uid, pl in plans.items():
-        key = "fresh" if pl.start is None else tuple(sorted((k, tuple(v.shape)) for k, v in pl.start[1].items()))
-        groups.setdefault(key, []).append(uid)
-    return list(groups.values())
 
 
 def _meta(exs, mode: str) -> dict[str, Any]:
@@ -117,70 +85,42 @@ class Lifecycle:
 
     def run_jobs(self, jobs: Sequence[Job], replay: float = 0.5,
                  notes: dict[str, str] | None = None) -> dict[str, TrainResult | BaseException]:
-        """Run train/update jobs of different users in one batched pass; each job is marked
-        running, then done (its version published) or failed (the error kept). {job_id: result}."""
+        """Run train/update jobs of different users batched together (oppu.train_session; modules of
+        other shapes in a later session); each job is marked running, then done (its version
+        published) or failed (the error kept). {job_id: result}."""
         results: dict[str, TrainResult | BaseException] = {}
-        plans: dict[str, _Plan] = {}
+        pending, users = [], set()
         for job in jobs:
-            try:
-                if job.user_id in plans:
-                    raise JobError(f"user {job.user_id!r} already has job {plans[job.user_id].job_id!r} in this pass")
-                self.store.jobs.set(job.job_id, "running")
-                plans[job.user_id] = self._plan(job, replay)
-            except BaseException as e:
-                results[job.job_id] = self._failed(job.job_id, e)
-        if not plans:
-            return results
-        notes = notes or {}
-
-        def publish(uid, losses, config, state):
-            from oppu.engine import write_adapter
-
-            pl = plans[uid]
-            try:
-                v = self.store.put_version(
-                    uid, lambda d: (write_adapter(d, config, state), {"losses": losses})[1], task=self.task.id,
-                    peft_type=self.peft, parent_version=pl.parent, history_seq=pl.history_seq,
-                    note=notes.get(pl.job_id) or pl.meta["note"], meta={k: v for k, v in pl.meta.items() if k != "note"})
-                self.store.jobs.set(pl.job_id, "done")
-                results[pl.job_id] = TrainResult(v.user_id, v.version, v.parent_version, pl.job_id,
-                                                 v.meta.get("losses", []), tuple(v.meta.get("sources", [])),
-                                                 v.history_seq)
-            except BaseException as e:  # e.g. the user was deleted meanwhile
-                results[pl.job_id] = self._failed(pl.job_id, e)
-
-        for group in _shape_groups(plans):  # modules of one shape share a pass (and its stacked tensors)
-            try:
-                self.train_modules({u: plans[u].examples for u in group}, publish,
-                                   start={u: plans[u].start for u in group if plans[u].start is not None},
-                                   order_seeds={u: plans[u].order_seed for u in group
-                                                if plans[u].order_seed is not None})
-            except BaseException as e:
-                for u in group:
-                    if plans[u].job_id not in results:
-                        results[plans[u].job_id] = self._failed(plans[u].job_id, e)
-                if not isinstance(e, Exception):
-                    raise
+            if job.user_id in users:
+                results[job.job_id] = fail_job(self.store, job.job_id, JobError(
+                    f"user {job.user_id!r} already has a job in this call"))
+            else:
+                users.add(job.user_id)
+                pending.append(job)
+        while pending:
+            with TrainSession(self, replay, notes) as session:
+                pending = [j for j in pending if not session.admit(j)]
+                try:
+                    while session.busy:
+                        session.step()
+                except Exception as e:  # the jobs of this session fail with it; the error is kept
+                    for uid in list(session.plans):
+                        session.cancel(uid, e)
+            results.update(session.results)
         return results
 
-    def _failed(self, job_id: str, e: BaseException) -> BaseException:
-        try:
-            self.store.jobs.set(job_id, "failed", error=f"{type(e).__name__}: {e}")
-        except JobError:
-            pass  # the job went with its user (deleted meanwhile)
-        return e
-
-    def _plan(self, job: Job, replay: float) -> _Plan:
+    def plan_job(self, job: Job, replay: float) -> JobPlan:
+        """What the job trains on (examples, starting module, order seed); raises when it cannot run."""
         uid = job.user_id
         hist = self.history(uid)
         exs = self.examples(as_user(uid, hist))
         if job.kind == "train":
             if not exs:
                 raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
-            return _Plan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
+            return JobPlan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
         return self._update_plan(job, hist, exs, replay)
 
-    def _update_plan(self, job: Job, hist, exs, replay: float) -> _Plan:
+    def _update_plan(self, job: Job, hist, exs, replay: float) -> JobPlan:
         from oppu.engine import read_adapter, user_seed
 
         uid = job.user_id
@@ -203,7 +143,7 @@ class Lifecycle:
             raise HistoryError(f"user {uid!r}: the items added since v{active} give no training example")
         meta = {**_meta(exs, "update"), "replay": replay, "new_items": len(new),
                 "note": f"update of v{active} (replay {replay})"}
-        return _Plan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
+        return JobPlan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
                      order_seed=user_seed(self.seed, tag))
 
     def rollback(self, user_id: str, version: int) -> Version:

@@ -83,7 +83,7 @@ class Personalizer(Lifecycle):
         return self._slots
 
     @contextmanager
-    def _training_base(self) -> Iterator[Any]:
+    def training_base(self) -> Iterator[Any]:
         """The model to train on, with nothing else wrapped around it for the duration."""
         with self.train_lock:
             shared = self.train_model is self.model and self._slots is not None
@@ -102,7 +102,7 @@ class Personalizer(Lifecycle):
         ucfg = ucfg or self.ucfg
         pcfg = self.pcfg if (peft or self.peft) == self.peft and ucfg is self.ucfg else \
             peft_config(peft or self.peft, ucfg, n_layers_of(self.model))
-        with self._training_base() as base:
+        with self.training_base() as base:
             return Trainer(base, self.tok, examples_by_user, pcfg, ucfg, self.seed if seed is None else seed,
                            max_len or self.max_len, self.max_users_per_batch, on_user_done, self.tokens_per_forward,
                            start=start, order_seeds=order_seeds).run()
