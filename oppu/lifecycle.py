@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from oppu.data.users import Query
-from oppu.history import as_user, replay_sample, validate_items
+from oppu.history import UserHistory, as_user, replay_sample, validate_items
 from oppu.store import (CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, UnknownUser, Version,
                         validate_user_id)
 from oppu.store.bundle import BundleError
@@ -48,11 +48,14 @@ class Lifecycle:
     """Store-backed operations of Personalizer (needs self.store)."""
 
     # -- history -------------------------------------------------------------------------------
-    def add_history(self, user_id: str, task: str, items: Sequence[dict[str, Any]]) -> list[int]:
+    def add_history(self, user_id: str, task: str, items: Sequence[dict[str, Any]], *, max_items: int | None = None,
+                    max_bytes: int | None = None) -> list[int]:
+        """Validate and append items; QuotaExceeded past max_items / max_bytes (see AdapterStore)."""
         t = get_task(task)
         if t.id != self.task.id:
             raise HistoryError(f"this personalizer serves task {self.task.id!r}, not {t.id!r}")
-        return self.store.add_history(user_id, t.id, validate_items(t, items))
+        return self.store.add_history(user_id, t.id, validate_items(t, items), max_items=max_items,
+                                      max_bytes=max_bytes)
 
     def history(self, user_id: str):
         task = self.store.user(user_id).task
@@ -158,19 +161,29 @@ class Lifecycle:
 
     # -- answers -------------------------------------------------------------------------------
     def user_prompt(self, user_id: str, text: str, k: int | None = None) -> str:
-        """The prompt for one input of this user: the task template, k items retrieved from the history."""
+        """The prompt for one input of this user: the task template, k items retrieved from the
+        history (kept in memory per user and grown with the rows added since: oppu.history.UserHistory)."""
         k = self.k if k is None else k
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        hist = self.history(user_id)
-        last = hist[-1].seq if hist else 0
-        got = self._prompt_caches.get(user_id)
-        if got is None or got[0] != last:  # the retrieval index follows the history
-            got = self._prompt_caches[user_id] = (last, {})
-        while len(self._prompt_caches) > 1024:
-            self._prompt_caches.pop(next(iter(self._prompt_caches)))
-        q = Query("q0", text, None, tuple(h.item_id for h in hist))
-        return self.prompt(as_user(user_id, hist), q, "rag" if k > 0 else "plain", k, got[1])
+        h = self._user_history(user_id)
+        with h.lock:  # one user's requests take turns; other users never wait here
+            h.extend(self.store.history(user_id, after_seq=h.last_seq))
+            q = Query("q0", text, None, h.ids)
+            return self.prompt(h.user, q, "rag" if k > 0 else "plain", k, h.cache)
+
+    def _user_history(self, user_id: str) -> UserHistory:
+        info = self.store.user(user_id)
+        if info.task not in (None, self.task.id):
+            raise HistoryError(f"user {user_id!r} belongs to task {info.task!r}; this personalizer serves {self.task.id!r}")
+        with self._histories_lock:
+            h = self._histories.pop(user_id, None)
+            if h is None or h.created != info.created:  # a user deleted and made again under the same id
+                h = UserHistory(user_id, info.created, self.task, self.retriever)
+            self._histories[user_id] = h  # most recently used last
+            while len(self._histories) > self.max_histories:
+                self._histories.pop(next(iter(self._histories)))
+        return h
 
     def answer_rows(self, rows: Sequence[tuple[str, str]]) -> list[tuple[str, int] | BaseException]:
         """(text, version) for each (user, prompt) row, one mixed-adapter decode for all; a row whose
@@ -247,7 +260,8 @@ class Lifecycle:
     # -- privacy -------------------------------------------------------------------------------
     def delete_user(self, user_id: str) -> dict[str, Any]:
         """Everything of the user: history, versions and files, jobs, tokens, loaded weights, caches."""
-        self._prompt_caches.pop(user_id, None)
+        with self._histories_lock:
+            self._histories.pop(user_id, None)
         self._skips.pop(user_id, None)
         self._corrupt.pop(user_id, None)
         with self.lock:

@@ -60,7 +60,9 @@ class Personalizer(Lifecycle):
         self.train_lock = self.lock if self.train_model is model else threading.RLock()
         self.max_loaded = max_loaded
         self._slots = None
-        self._prompt_caches: dict[str, tuple[int, dict]] = {}   # user -> (last history seq, retriever cache)
+        self._histories: dict = {}                              # user -> history.UserHistory (LRU)
+        self._histories_lock = threading.Lock()
+        self.max_histories = max(1024, max_loaded)
         self._skips: dict[str, list[str]] = {}                  # user -> corrupt versions skipped when loaded
         self._corrupt: dict[str, tuple] = {}                    # user -> (active version, error): none intact
 

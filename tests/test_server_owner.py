@@ -194,3 +194,19 @@ def test_a_user_past_a_limit_gets_429_and_others_do_not(base, tmp_path):
         assert c.post(f"/v1/users/{a}/adapter", json=body, headers=A).status_code == 200  # the operator is not limited
         assert 'route="/v1/users/{user_id}/adapter",status="429"' in c.get("/metrics").text
     svc.store.close()
+
+
+def test_history_quota_gives_413_naming_the_limit(base, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server_common import new_user
+
+    svc = make_service(base, tmp_path / "store", max_history_items=5)
+    with TestClient(create_app(svc)) as c:
+        uid, tok = new_user(c)
+        path = f"/v1/users/{uid}/history"
+        assert c.post(path, json={"task": "LaMP_2M", "items": items("q", 4)}, headers=bearer(tok)).status_code == 200
+        r = c.post(path, json={"task": "LaMP_2M", "items": items("r", 2)}, headers=bearer(tok))
+        assert r.status_code == 413 and "over the limit of 5 (max_history_items)" in r.json()["detail"], r.text
+        assert c.get(f"/v1/users/{uid}", headers=bearer(tok)).json()["history_items"] == 4
+    svc.store.close()

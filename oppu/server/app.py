@@ -11,7 +11,7 @@ templates, never ids).
 
 Errors are JSON {"detail": "..."} naming the problem: 422 for invalid bodies (field path first,
 e.g. "body.items: List should have at most 1000 items"; JSON is strict: no NaN/Infinity, no
-true for a number), 413 for oversized bodies, 429 past a per-user limit (with Retry-After), 404 unknown user/job/version/no adapter, 409 state
+true for a number), 413 for oversized bodies and for history past a user's quota, 429 past a per-user limit (with Retry-After), 404 unknown user/job/version/no adapter, 409 state
 conflicts (a job already running, nothing new to train on, no intact adapter version).
 The owner's own operations (export, import, token rotation, versions, rollback, delete):
 oppu/server/owner_routes.py.
@@ -35,11 +35,12 @@ from oppu.server.middleware import BodyLimit, RequestMetrics, problem
 from oppu.server.owner_routes import owner_routes
 from oppu.server.service import Caller, Conflict, Service
 from oppu.store import (BundleError, CorruptAdapterError, HistoryError, InvalidUserId, JobError,
-                        NoAdapter, UnknownUser, UnknownVersion, UserExists)
+                        NoAdapter, QuotaExceeded, UnknownUser, UnknownVersion, UserExists)
 
 log = logging.getLogger("oppu.server")
-STATUS = [(InvalidUserId, 422), (HistoryError, 422), (CryptoError, 422), (BundleError, 422), (UnknownUser, 404),
-          (NoAdapter, 404), (UnknownVersion, 404), (JobError, 404), (UserExists, 409), (Conflict, 409)]
+STATUS = [(QuotaExceeded, 413), (InvalidUserId, 422), (HistoryError, 422), (CryptoError, 422), (BundleError, 422),
+          (UnknownUser, 404), (NoAdapter, 404), (UnknownVersion, 404), (JobError, 404), (UserExists, 409),
+          (Conflict, 409)]
 ADMIN_PATHS = frozenset({"/v1/users", "/v1/users/import"})
 ROUTE_CLASS = {("POST", "/v1/users/{user_id}/generate"): "generate", ("POST", "/v1/users/{user_id}/adapter"): "export",
                ("POST", "/v1/users/import"): "export", ("POST", "/v1/users/{user_id}/train"): "train",

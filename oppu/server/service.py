@@ -76,6 +76,8 @@ class ServeConfig:
     train_wait_ms: float = 200.0        # how long the trainer gathers queued jobs into one pass
     max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
     max_import_bytes: int = 64 << 20    # POST /v1/users/import bodies (the export, base64)
+    max_history_items: int = 20_000     # per user (413 past it; see AdapterStore.add_history)
+    max_history_bytes: int = 32 << 20   # per user, item JSON
     generate_timeout_s: float = 120.0
     limits: dict = field(default_factory=dict)  # route class -> limits.Limit, over limits.DEFAULT_LIMITS
     crypto_workers: int = 1             # threads for scrypt (export, import), shared by every user
@@ -165,7 +167,8 @@ class Service:
 
     def add_history(self, uid: str, task: str, items: list[dict[str, Any]]) -> list[int]:
         self._check_task(task)
-        return self.p.add_history(validate_user_id(uid), task, items)
+        return self.p.add_history(validate_user_id(uid), task, items, max_items=self.cfg.max_history_items,
+                                  max_bytes=self.cfg.max_history_bytes)
 
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)

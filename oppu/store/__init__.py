@@ -8,14 +8,14 @@ connections, transactions, scrubbing), files.py (user dir names, temp dirs, fsyn
 jobs.py (jobs and access tokens), bundle.py (the JSON export payload), errors.py.
 """
 from oppu.store.bundle import Bundle, BundleError
-from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, StoreError,
-                               UnknownUser, UnknownVersion, UserExists)
+from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, QuotaExceeded,
+                               StoreError, UnknownUser, UnknownVersion, UserExists)
 from oppu.store.files import ADAPTER_FILES, safe_user_dir
 from oppu.store.jobs import Job
 from oppu.store.store import (USER_ID_PATTERN, AdapterStore, HistoryItem, Served, UserInfo, Version,
                               validate_user_id)
 
 __all__ = ["ADAPTER_FILES", "USER_ID_PATTERN", "AdapterStore", "Bundle", "BundleError", "CorruptAdapterError",
-           "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "Served",
+           "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "QuotaExceeded", "Served",
            "StoreError", "UnknownUser", "UnknownVersion", "UserExists", "UserInfo", "Version",
            "safe_user_dir", "validate_user_id"]

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS adapter_versions(
     meta TEXT NOT NULL DEFAULT '{{}}',
     PRIMARY KEY(user_id, version)
 );
+CREATE TABLE IF NOT EXISTS history_totals(   -- per user: what quotas check, without reading the items
+    user_id TEXT PRIMARY KEY REFERENCES users(user_id) ON DELETE CASCADE,
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs(
     job_id TEXT PRIMARY KEY,
     user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
@@ -74,7 +79,7 @@ CREATE TABLE IF NOT EXISTS tokens(
 );
 CREATE INDEX IF NOT EXISTS tokens_user ON tokens(user_id);
 """
-USER_TABLES = ("history_items", "adapter_versions", "jobs", "tokens", "users")  # delete order
+USER_TABLES = ("history_items", "history_totals", "adapter_versions", "jobs", "tokens", "users")  # delete order
 
 
 class Database:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from oppu.store.db import USER_TABLES, Database
-from oppu.store.errors import (CorruptAdapterError, HistoryError, NoAdapter, StoreError, UnknownUser,
-                               UnknownVersion, UserExists, InvalidUserId)
+from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, NoAdapter, QuotaExceeded, StoreError,
+                               UnknownUser, UnknownVersion, UserExists)
 from oppu.store.files import (ADAPTER_FILES, check_file, clean_temp_dirs, fsync_dir, new_temp_dir,
                               private_dir, read_checked, release_temp_dir, safe_user_dir, seal, write_files)
 from oppu.store.jobs import Jobs, Tokens
@@ -132,8 +132,11 @@ class AdapterStore:
         return self.db.scrub()
 
     # -- history -------------------------------------------------------------------------------
-    def add_history(self, user_id: str, task: str, items: Iterable[dict[str, Any]]) -> list[int]:
-        """Append items (each a dict with a unique "id"); all or nothing. Returns their seqs."""
+    def add_history(self, user_id: str, task: str, items: Iterable[dict[str, Any]], *, max_items: int | None = None,
+                    max_bytes: int | None = None) -> list[int]:
+        """Append items (each a dict with a unique "id"); all or nothing. Returns their seqs.
+        QuotaExceeded when the user would then hold more than max_items items or max_bytes bytes
+        of item JSON (checked against per-user totals: nothing is read)."""
         user_id = validate_user_id(user_id)
         items = list(items)
         seen: set[str] = set()
@@ -154,10 +157,27 @@ class AdapterStore:
             last = c.execute("SELECT COALESCE(MAX(seq), 0) FROM history_items WHERE user_id=?",
                              (user_id,)).fetchone()[0]
             seqs = list(range(last + 1, last + 1 + len(items)))
+            docs = [json.dumps({**it, "id": str(it["id"])}, ensure_ascii=False) for it in items]
+            self._charge(c, user_id, len(docs), sum(len(d.encode("utf-8")) for d in docs), max_items, max_bytes)
             c.executemany("INSERT INTO history_items(user_id, task, item_id, json, seq) VALUES (?, ?, ?, ?, ?)",
-                          [(user_id, task, str(it["id"]), json.dumps({**it, "id": str(it["id"])}, ensure_ascii=False),
-                            s) for it, s in zip(items, seqs)])
+                          [(user_id, task, str(it["id"]), d, s) for it, d, s in zip(items, docs, seqs)])
         return seqs
+
+    def _charge(self, c, user_id: str, n: int, size: int, max_items: int | None, max_bytes: int | None) -> None:
+        """Add n items of `size` bytes to the user's totals, or QuotaExceeded naming the limit."""
+        row = c.execute("SELECT items, bytes FROM history_totals WHERE user_id=?", (user_id,)).fetchone()
+        if row is None:  # a store from before the totals: counted once
+            row = c.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(json AS BLOB))), 0) FROM history_items "
+                            "WHERE user_id=?", (user_id,)).fetchone()
+        items, size_now = row[0] + n, row[1] + size
+        if max_items is not None and items > max_items:
+            raise QuotaExceeded(f"user {user_id!r}: {n} more item(s) would make {items} history items, over the "
+                                f"limit of {max_items} (max_history_items)")
+        if max_bytes is not None and size_now > max_bytes:
+            raise QuotaExceeded(f"user {user_id!r}: {n} more item(s) would make {size_now} bytes of history, over "
+                                f"the limit of {max_bytes} (max_history_bytes)")
+        c.execute("INSERT INTO history_totals(user_id, items, bytes) VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE "
+                  "SET items=excluded.items, bytes=excluded.bytes", (user_id, items, size_now))
 
     def history(self, user_id: str, after_seq: int = 0) -> list[HistoryItem]:
         """The user's items in insertion order, those with seq > after_seq."""
@@ -322,9 +342,10 @@ class AdapterStore:
                 if c.execute("SELECT 1 FROM users WHERE user_id=?", (user_id,)).fetchone():
                     raise UserExists(f"user {user_id!r} already exists")
                 c.execute("INSERT INTO users(user_id, created, task) VALUES (?, ?, ?)", (user_id, time.time(), task))
+                docs = [json.dumps(it, ensure_ascii=False) for _, it in history]
                 c.executemany("INSERT INTO history_items(user_id, task, item_id, json, seq) VALUES (?, ?, ?, ?, ?)",
-                              [(user_id, task, str(it["id"]), json.dumps(it, ensure_ascii=False), seq)
-                               for seq, it in history])
+                              [(user_id, task, str(it["id"]), d, seq) for (seq, it), d in zip(history, docs)])
+                self._charge(c, user_id, len(docs), sum(len(d.encode("utf-8")) for d in docs), None, None)
             return self._publish(user_id, tmp, sums, {**fields, "task": task}, True, before=create)
         finally:
             release_temp_dir(tmp)
