@@ -268,7 +268,10 @@ def user_delete(user_id: str = typer.Argument(...), store: Path = typer.Option(.
         _fail("deleting a user cannot be undone; pass --yes")
     with AdapterStore(store) as st:
         try:
-            print(json.dumps(st.delete_user(user_id)))
+            report = st.delete_user(user_id)
+            if not report["scrubbed"]:  # this process exits next: wait for readers (a server's) to let go
+                report["scrubbed"] = st.scrubber.wait(report["scrub"], timeout=60)
+            print(json.dumps(report))
         except StoreError as e:
             _fail(str(e))
 

@@ -192,6 +192,8 @@ class Lifecycle:
 
         out: list[Any] = [None] * len(rows)
         with self.lock:
+            while self._to_drop:
+                self.slots.drop(self._to_drop.pop())
             versions: dict[str, int] = {}
             for uid in dict.fromkeys(u for u, _ in rows):
                 try:
@@ -264,9 +266,15 @@ class Lifecycle:
             self._histories.pop(user_id, None)
         self._skips.pop(user_id, None)
         self._corrupt.pop(user_id, None)
-        with self.lock:
-            self.slots.drop(user_id)
-        return self.store.delete_user(user_id)
+        out = self.store.delete_user(user_id)
+        if self.lock.acquire(timeout=1.0):  # a shared-base training pass may hold it for long
+            try:
+                self.slots.drop(user_id)
+            finally:
+                self.lock.release()
+        else:
+            self._to_drop.add(user_id)  # the next batch drops the weights, under the lock
+        return out
 
     def export_user(self, user_id: str, passphrase: str, include_history: bool = True) -> bytes:
         """One encrypted file: the newest intact version's files (checksum-verified; the active one

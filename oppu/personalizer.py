@@ -65,6 +65,7 @@ class Personalizer(Lifecycle):
         self.max_histories = max(1024, max_loaded)
         self._skips: dict[str, list[str]] = {}                  # user -> corrupt versions skipped when loaded
         self._corrupt: dict[str, tuple] = {}                    # user -> (active version, error): none intact
+        self._to_drop: set[str] = set()                         # deleted users whose weights await the lock
 
     # -- examples and prompts (pure) ---------------------------------------------------------
     def examples(self, user: User, variants: Sequence[str] | None = None, k: int | None = None) -> list[Example]:

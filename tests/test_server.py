@@ -136,7 +136,7 @@ def test_openapi_spec_lists_every_route_with_bearer_auth(client):
     assert {"/v1/users", "/v1/users/{user_id}", "/v1/users/{user_id}/history", "/v1/users/{user_id}/train",
             "/v1/jobs/{job_id}", "/v1/users/{user_id}/generate", "/v1/users/{user_id}/adapter", "/healthz",
             "/metrics", "/v1/users/import", "/v1/users/{user_id}/token", "/v1/users/{user_id}/versions",
-            "/v1/users/{user_id}/rollback"} == set(spec["paths"])
+            "/v1/users/{user_id}/rollback", "/scrub"} == set(spec["paths"])
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert spec["paths"]["/v1/users/{user_id}/generate"]["post"]["security"] == [{"HTTPBearer": []}]
 

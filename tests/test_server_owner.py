@@ -210,3 +210,47 @@ def test_history_quota_gives_413_naming_the_limit(base, tmp_path):
         assert r.status_code == 413 and "over the limit of 5 (max_history_items)" in r.json()["detail"], r.text
         assert c.get(f"/v1/users/{uid}", headers=bearer(tok)).json()["history_items"] == 4
     svc.store.close()
+
+
+def test_delete_under_an_open_read_snapshot_blocks_no_one(svc_client):
+    """A reader holding an old snapshot keeps the WAL from being truncated: the delete still answers
+    at once (scrubbed: false), another user's write goes through at once, and the scrub finishes
+    in the background as soon as the reader lets go, leaving no trace of the user."""
+    import sqlite3
+    import time
+
+    from server_common import new_user
+
+    svc, c = svc_client
+    uid, tok = new_user(c)
+    marker = "zebra-marker-5150"
+    c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": [
+        {"id": "s", "description": f"{marker} in space", "tag": "sci-fi"}]}, headers=bearer(tok))
+    other, other_tok = new_user(c)
+    reader = sqlite3.connect(svc.store.root / "store.db", isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT COUNT(*) FROM history_items").fetchone()[0] >= 1  # a snapshot is held
+    try:
+        t0 = time.monotonic()
+        r = c.delete(f"/v1/users/{uid}", headers=bearer(tok))
+        assert r.status_code == 200 and time.monotonic() - t0 < 3, r.text
+        got = r.json()
+        assert got["deleted"] and not got["scrubbed"] and got["scrub"] >= 1
+        assert c.get(f"/v1/users/{uid}", headers=A).status_code == 404  # gone for every request at once
+        t0 = time.monotonic()
+        assert c.post(f"/v1/users/{other}/history", json={"task": "LaMP_2M", "items": items("o", 2)},
+                      headers=bearer(other_tok)).status_code == 200
+        assert time.monotonic() - t0 < 3
+        status = c.get("/scrub").json()
+        assert status["done"] < got["scrub"] <= status["requested"]
+    finally:
+        reader.rollback()
+        reader.close()
+    end = time.monotonic() + 20
+    while c.get("/scrub").json()["done"] < got["scrub"]:
+        assert time.monotonic() < end, c.get("/scrub").json()
+        time.sleep(0.05)
+    for name in ("store.db", "store.db-wal"):
+        path = svc.store.root / name
+        data = path.read_bytes() if path.exists() else b""
+        assert marker.encode() not in data and uid.encode() not in data, name

@@ -65,7 +65,8 @@ def test_full_flow_create_history_train_generate_update_export_delete(svc_client
     nohist = c.post(f"/v1/users/{uid}/adapter", json={"passphrase": "correct horse", "history": False}, headers=h)
     assert unpack(crypto.decrypt(nohist.content, "correct horse")).history is None
     # delete: the token stops working, the admin sees 404, the adapter leaves the serving model
-    assert c.delete(f"/v1/users/{uid}", headers=h).json() == {"user_id": uid, "deleted": True}
+    gone = c.delete(f"/v1/users/{uid}", headers=h).json()
+    assert (gone["user_id"], gone["deleted"], gone["scrubbed"]) == (uid, True, True)
     assert c.get(f"/v1/users/{uid}", headers=h).status_code == 401
     for method, path in (("get", f"/v1/users/{uid}"), ("delete", f"/v1/users/{uid}"),
                          ("post", f"/v1/users/{uid}/train")):

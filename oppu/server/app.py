@@ -194,11 +194,17 @@ def _auth(svc: Service):
 
 
 def _ops_routes(app: FastAPI, svc: Service) -> None:
-    """/healthz and /metrics: open, no user data."""
+    """/healthz, /scrub and /metrics: open, no user data."""
     @app.get("/healthz", response_model=S.Health, tags=["ops"])
     def healthz():
         return S.Health(status="ok", task=svc.task.id, base=str(svc.base_info.get("source", "")),
                         trainer_base=svc.trainer_base, uptime_s=round(time.time() - svc.started, 3))
+
+    @app.get("/scrub", response_model=S.ScrubStatus, tags=["ops"])
+    def scrub():
+        """Deletes' scrub generations (counters only): a delete answered `scrub: g` is scrubbed
+        once `done >= g`."""
+        return S.ScrubStatus(**svc.store.scrubber.status())
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}})

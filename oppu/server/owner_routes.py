@@ -70,10 +70,11 @@ def _transfer_routes(app: FastAPI, svc: Service, admin, owner) -> None:
 
     @app.delete("/v1/users/{user_id}", response_model=S.Deleted, responses=AUTH_ERRORS, tags=["users"])
     def delete(user_id: UserId, _: Owner):
-        """Everything of the user: history, adapter versions and files, jobs, tokens, caches; the
-        db and WAL are scrubbed and the adapter leaves the serving model."""
-        svc.delete(user_id)
-        return S.Deleted(user_id=user_id, deleted=True)
+        """Everything of the user at once: history, adapter versions and files, jobs (a running one
+        is cancelled), tokens, caches; the adapter leaves the serving model. The WAL is scrubbed at
+        once when no reader is in the way, else in the background: `scrubbed` says which."""
+        report = svc.delete(user_id)
+        return S.Deleted(user_id=user_id, deleted=True, scrubbed=report["scrubbed"], scrub=report["scrub"])
 
 
 def _version_routes(app: FastAPI, svc: Service, owner) -> None:

@@ -166,7 +166,15 @@ class Generated(BaseModel):
 
 class Deleted(BaseModel):
     user_id: str
-    deleted: bool
+    deleted: bool = Field(description="true: every row, file and cache of the user is gone, for every request")
+    scrubbed: bool = Field(description="the WAL holds no old image of the deleted rows any more; false: a reader "
+                                       "is in the way, the server retries in the background (GET /scrub)")
+    scrub: int = Field(description="this delete's scrub generation: scrubbed once GET /scrub says done >= it")
+
+
+class ScrubStatus(BaseModel):
+    requested: int = Field(description="the latest scrub generation asked for (one per delete)")
+    done: int = Field(description="every generation up to this one is scrubbed")
 
 
 class Health(BaseModel):

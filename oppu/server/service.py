@@ -173,9 +173,8 @@ class Service:
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)
         self.store.user(uid)  # UnknownUser before anything else happens
-        self.worker.cancel_user(uid)  # the running job, its module and data leave the trainer
-        out = self.p.delete_user(uid)
-        self.worker.cancel_user(uid, timeout=0)  # a job that joined in between: dropped at the next step
+        out = self.p.delete_user(uid)  # one transaction: gone for every request at once; scrub in the background
+        self.worker.cancel_user(uid)  # the running job, its module and data leave the trainer at its next step
         self.limits.forget(uid)
         return out
 

@@ -36,6 +36,7 @@ from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId,
 from oppu.store.files import (ADAPTER_FILES, check_file, clean_temp_dirs, fsync_dir, new_temp_dir,
                               private_dir, read_checked, release_temp_dir, safe_user_dir, seal, write_files)
 from oppu.store.jobs import Jobs, Tokens
+from oppu.store.scrub import Scrubber
 from oppu.store.records import HistoryItem, Served, UserInfo, Version, version_from_row
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -65,7 +66,10 @@ class AdapterStore:
         self.db = Database(self.root / "store.db")
         self.jobs = Jobs(self.db, self._require_user)
         self.tokens = Tokens(self.db, self._require_user)
+        self.scrubber = Scrubber(self.db)
         self.recovered = self._recover()
+        if self.scrubber.pending():  # a scrub an earlier process could not finish
+            self.scrubber.kick(self.scrubber.status()["requested"])
 
     # -- users ---------------------------------------------------------------------------------
     def new_user(self, task: str | None = None) -> str:
@@ -118,18 +122,17 @@ class AdapterStore:
         return private_dir(d)
 
     def delete_user(self, user_id: str) -> dict[str, Any]:
-        """Remove every row, file and cache of the user, then scrub the db and WAL files."""
+        """Remove every row, file and cache of the user at once (one transaction: the user is gone
+        for every request), then scrub the WAL: at once when no reader is in the way, else in the
+        background (oppu.store.scrub). "scrubbed": whether it is done; "scrub": its generation."""
         user_id = self._require_user(user_id)
         with self.db.write() as c:
             rows = {t: c.execute(f"DELETE FROM {t} WHERE user_id=?", (user_id,)).rowcount for t in USER_TABLES}
+            generation = self.scrubber.requested_in(c)
         # Files after the rows: a crash in between leaves invisible files that the next open removes.
         for d in (self.user_dir(user_id), self._inside(self._cache / safe_user_dir(user_id), self._cache)):
             shutil.rmtree(d, ignore_errors=True)
-        return {"user_id": user_id, "rows": rows, "scrubbed": self.scrub()}
-
-    def scrub(self) -> bool:
-        """VACUUM + truncate the WAL (see Database.scrub); False: readers held the WAL, retry later."""
-        return self.db.scrub()
+        return {"user_id": user_id, "rows": rows, "scrubbed": self.scrubber.kick(generation), "scrub": generation}
 
     # -- history -------------------------------------------------------------------------------
     def add_history(self, user_id: str, task: str, items: Iterable[dict[str, Any]], *, max_items: int | None = None,
@@ -378,6 +381,7 @@ class AdapterStore:
         return out
 
     def close(self) -> None:
+        self.scrubber.close()
         self.db.close()
 
     def __enter__(self) -> "AdapterStore":
