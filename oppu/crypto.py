@@ -23,6 +23,7 @@ make one decryption attempt allocate more than 64 MiB nor run more than 4x the d
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import struct
@@ -53,12 +54,12 @@ class DecryptionError(CryptoError):
 
 
 def _key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
+    """scrypt through hashlib (OpenSSL), which lets other threads run while it works (the
+    `cryptography` package's Scrypt holds the GIL: a server would stall for every export)."""
     if not isinstance(passphrase, str) or not passphrase:
         raise CryptoError("the passphrase must be a non-empty string")
     pw = unicodedata.normalize("NFC", passphrase).encode("utf-8")  # same key however the text was typed
-    return Scrypt(salt=salt, length=KEY_BYTES, n=n, r=r, p=p).derive(pw)
+    return hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, dklen=KEY_BYTES, maxmem=2 * MAX_KDF_MEMORY)
 
 
 def _check_params(n: Any, r: Any, p: Any) -> None:

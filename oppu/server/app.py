@@ -149,13 +149,16 @@ def create_app(svc: Service) -> FastAPI:
 
 def _admit(svc: Service):
     """Per-user limits (oppu.server.limits) on every /v1 route, by route class: past them, 429 with
-    Retry-After at once, before the body is read. The admin token is the operator's: not limited."""
+    Retry-After before the body is read, sent after `refuse_delay_s` (an idle wait, no CPU), so a
+    client that ignores Retry-After costs the server one cheap refusal a second per connection.
+    The admin token is the operator's: not limited."""
     async def admit(request: Request, caller: Caller, path: str, call_next):
         if caller.admin:
             return await call_next()
         cls = ROUTE_CLASS.get((request.method, path), "read")
         got = svc.limits.admit(request.path_params.get("user_id") or caller.user_id, cls, time.monotonic())
-        if isinstance(got, Refused):
+        if isinstance(got, Refused):  # answered after a pause: a client ignoring Retry-After cannot spin
+            await asyncio.sleep(min(svc.cfg.refuse_delay_s, got.retry_after_s))
             raise HTTPException(429, got.reason, headers={"Retry-After": str(got.retry_after_s)})
         try:
             return await call_next()

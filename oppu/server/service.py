@@ -81,6 +81,7 @@ class ServeConfig:
     generate_timeout_s: float = 120.0
     limits: dict = field(default_factory=dict)  # route class -> limits.Limit, over limits.DEFAULT_LIMITS
     crypto_workers: int = 1             # threads for scrypt (export, import), shared by every user
+    refuse_delay_s: float = 1.0         # a 429 is sent after this idle pause (at most its Retry-After)
     shutdown_grace_s: float = 30.0      # how long a shutdown waits for a running training job
 
     def __post_init__(self) -> None:
