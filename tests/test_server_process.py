@@ -332,3 +332,46 @@ def test_fuzz_api_from_openapi_spec_no_5xx(server):
     print(f"\nfuzz: {n['calls']} requests; statuses per operation: "
           f"{ {k: sorted(v) for k, v in sorted(statuses.items())} }")
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# -- strictness, owner operations and limits over real HTTP ----------------------------------------
+def test_strict_input_limits_and_private_files_on_the_live_server(server):
+    import stat
+
+    from oppu import crypto
+
+    api = Api(server.url)
+    uid, tok = api.user(4, prefix="st")
+    api.train(uid)
+    other, other_tok = api.user(2, prefix="so")
+    mine = Api(server.url, tok)
+    json_h = {"Content-Type": "application/json"}
+    for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 401),
+                            ({"Authorization": f"Bearer {other_tok}"}, 403)):  # auth before the body is read
+        r = httpx.post(f"{server.url}/v1/users/{uid}/history", content=b'{"task": [oops', headers={**json_h, **headers})
+        assert r.status_code == status, r.text
+    for raw in (b'{"task": "LaMP_2M", "input": "q", "k": NaN}', b'{"task": "LaMP_2M", "input": "q", "k": true}'):
+        r = mine.c.post(f"/v1/users/{uid}/generate", content=raw, headers=json_h)
+        assert r.status_code == 422, r.text
+    typed = " pässwörd-ünïcode "
+    ex = mine.c.post(f"/v1/users/{uid}/adapter", json={"passphrase": typed})
+    assert ex.status_code == 200 and ex.headers["cache-control"] == "no-store"
+    assert crypto.decrypt(ex.content, typed) and crypto.decrypt(ex.content, unicodedata_nfd(typed))
+    codes = [mine.c.post(f"/v1/users/{uid}/adapter", json={"passphrase": typed}) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429] and int(codes[-1].headers["retry-after"]) >= 1
+    assert Api(server.url, other_tok).ok("POST", f"/v1/users/{other}/history", json={
+        "task": "LaMP_2M", "items": items("more", 1)})["added"] == 1  # the other user is not limited
+    httpx.request("BREW", f"{server.url}/v1/users/{uid}")
+    methods = set(re.findall(r'oppu_http_requests_total\{method="([^"]*)"', httpx.get(server.url + "/metrics").text))
+    assert "other" in methods and "BREW" not in methods
+    rotated = mine.ok("POST", f"/v1/users/{uid}/token")
+    assert mine.c.get(f"/v1/users/{uid}").status_code == 401
+    assert Api(server.url, rotated["token"]).ok("GET", f"/v1/users/{uid}/versions")["versions"][0]["intact"]
+    store = server.workdir / "store"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (store, store / "store.db", store / "adapters")}
+    assert modes == {"store": 0o700, "store.db": 0o600, "adapters": 0o700}, modes
+
+
+def unicodedata_nfd(text: str) -> str:
+    import unicodedata
+    return unicodedata.normalize("NFD", text)
