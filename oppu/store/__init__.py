@@ -5,7 +5,8 @@
 
 Files: store.py (AdapterStore: users, history, versions, delete, crash recovery), db.py (schema,
 connections, transactions, scrubbing), files.py (user dir names, temp dirs, fsync, checksums),
-jobs.py (jobs and access tokens), bundle.py (the JSON export payload), errors.py.
+jobs.py (jobs and access tokens), bundle.py (the JSON export payload), scrub.py (the WAL scrub after
+deletes, retried in the background), errors.py.
 """
 from oppu.store.bundle import Bundle, BundleError
 from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, QuotaExceeded,
