@@ -181,8 +181,10 @@ class Lifecycle:
             if h is None or h.created != info.created:  # a user deleted and made again under the same id
                 h = UserHistory(user_id, info.created, self.task, self.retriever)
             self._histories[user_id] = h  # most recently used last
-            while len(self._histories) > self.max_histories:
-                self._histories.pop(next(iter(self._histories)))
+            held = sum(len(x.ids) for x in self._histories.values())
+            while len(self._histories) > 1 and (len(self._histories) > self.max_histories
+                                                or held > self.max_history_items_held):
+                held -= len(self._histories.pop(next(iter(self._histories))).ids)  # least recently used
         return h
 
     def answer_rows(self, rows: Sequence[tuple[str, str]]) -> list[tuple[str, int] | BaseException]:

@@ -62,7 +62,8 @@ class Personalizer(Lifecycle):
         self._slots = None
         self._histories: dict = {}                              # user -> history.UserHistory (LRU)
         self._histories_lock = threading.Lock()
-        self.max_histories = max(1024, max_loaded)
+        self.max_histories = max(1024, max_loaded)                # users' histories kept for answering,
+        self.max_history_items_held = 1_000_000                  # and their items in all (LRU past either)
         self._skips: dict[str, list[str]] = {}                  # user -> corrupt versions skipped when loaded
         self._corrupt: dict[str, tuple] = {}                    # user -> (active version, error): none intact
         self._to_drop: set[str] = set()                         # deleted users whose weights await the lock

@@ -272,3 +272,9 @@ def test_prompts_read_only_new_history_rows_and_never_refit(p, monkeypatch):
     monkeypatch.setattr(BM25Retriever, "fit", real_fit)
     fresh = p.prompt(as_user(uid, hist), Query("q0", text, None, tuple(h.item_id for h in hist)), "rag", p.k)
     assert got == fresh and "robots at war in deep space" in got
+    p.max_history_items_held = 250  # past it, the least recently used history is dropped (rebuilt on demand)
+    other = p.store.new_user()
+    p.add_history(other, "LaMP_2M", make_items("x", 10, 4))
+    p.user_prompt(other, "anything")
+    assert uid not in p._histories and other in p._histories
+    assert p.user_prompt(uid, text) == got and reads[-1] == 301  # rebuilt from the store, same prompt
