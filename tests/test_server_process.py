@@ -375,3 +375,37 @@ def test_strict_input_limits_and_private_files_on_the_live_server(server):
 def unicodedata_nfd(text: str) -> str:
     import unicodedata
     return unicodedata.normalize("NFD", text)
+
+
+def test_fair_training_and_a_delete_under_a_read_snapshot_on_the_live_server(server):
+    """A one-item job trains beside another user's long job and is done first; deleting the long
+    job's user while a reader holds an old snapshot answers at once (scrubbed: false), does not
+    hold up another user's write, cancels the job, and the scrub finishes once the reader goes."""
+    import sqlite3
+
+    api = Api(server.url)
+    big, big_tok = api.user(600, prefix="big")
+    small, _ = api.user(1, prefix="one")
+    jbig = api.ok("POST", f"/v1/users/{big}/train", 202)["job_id"]
+    assert api.wait(jbig, until=("running", "done", "failed"))["status"] == "running"
+    time.sleep(0.5)
+    assert api.train(small)["status"] == "done"
+    assert api.ok("GET", f"/v1/jobs/{jbig}")["status"] == "running"
+    reader = sqlite3.connect(server.workdir / "store" / "store.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM history_items").fetchone()
+    try:
+        t0 = time.monotonic()
+        gone = Api(server.url, big_tok).ok("DELETE", f"/v1/users/{big}")
+        assert time.monotonic() - t0 < 5 and gone["deleted"] and not gone["scrubbed"], gone
+        t0 = time.monotonic()
+        api.ok("POST", f"/v1/users/{small}/history", json={"task": "LaMP_2M", "items": items("late", 1)})
+        assert time.monotonic() - t0 < 3
+        assert api.c.get(f"/v1/jobs/{jbig}").status_code == 404
+    finally:
+        reader.rollback()
+        reader.close()
+    end = time.monotonic() + 30
+    while httpx.get(server.url + "/scrub").json()["done"] < gone["scrub"]:
+        assert time.monotonic() < end
+        time.sleep(0.1)
