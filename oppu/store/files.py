@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -64,11 +65,15 @@ DIR_MODE, FILE_MODE = 0o700, 0o600
 
 
 def private_dir(path: Path) -> Path:
-    """mkdir -p with every folder it creates (and `path` itself) readable by the owner only."""
+    """mkdir -p with every folder it creates (and `path` itself) readable by the owner only. An
+    existing `path` is made 0700 only when this account owns it and it is not a shared sticky
+    folder such as /tmp (whatever the store puts inside it is private either way)."""
     missing = [p for p in (path, *path.parents) if not p.exists()]
     for p in reversed(missing):
         p.mkdir(mode=DIR_MODE, exist_ok=True)
-    os.chmod(path, DIR_MODE)
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX:
+        os.chmod(path, DIR_MODE)
     return path
 
 
