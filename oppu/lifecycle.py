@@ -224,7 +224,14 @@ class Lifecycle:
             self.slots.ensure(uid, key, None)
             return key[1]
         served = self._resolve(uid, active)
-        self.slots.ensure(uid, (active, served.version.version), served.path)
+        try:
+            self.slots.ensure(uid, (active, served.version.version), served.path)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:  # e.g. made for another base
+            err = CorruptAdapterError(uid, served.version.version, "adapter_model.safetensors",
+                                      f"cannot be served on this base ({type(e).__name__}: {e})")
+            self._corrupt[uid] = (active, err)
+            log.error("user %s: %s; refused until a rollback or a new version", uid, err)
+            raise err from e
         self._skips[uid] = [str(e) for e in served.skipped]
         if served.skipped:
             log.warning("user %s: serving v%d; newer version(s) refused: %s", uid, served.version.version,

@@ -254,3 +254,32 @@ def test_delete_under_an_open_read_snapshot_blocks_no_one(svc_client):
         path = svc.store.root / name
         data = path.read_bytes() if path.exists() else b""
         assert marker.encode() not in data and uid.encode() not in data, name
+
+
+def test_an_adapter_imported_without_the_base_check_that_does_not_fit_gets_409_once(svc_client, caplog):
+    """`oppu user import` cannot load the adapter onto the base; one made for another base is then
+    refused at its first generate: 409 naming the version and why, logged once, not a 500 each time."""
+    from safetensors.torch import load, save
+
+    import torch
+
+    from oppu.store.bundle import pack
+    from oppu.transfer import import_into, read_export
+
+    svc, c = svc_client
+    uid, tok = trained_user(c)
+    b = unpack(crypto.decrypt(svc.p.export_user(uid, "correct horse"), "correct horse"))
+    w = load(b.files["adapter_model.safetensors"])
+    key = next(k for k in w if "lora_A" in k)
+    w[key] = torch.zeros(w[key].shape[0], w[key].shape[1] * 2)  # made for a wider base
+    files = {**b.files, "adapter_model.safetensors": save(w)}
+    blob = crypto.encrypt(pack("wider", b.task, svc.store.version(uid, 1), files, None), "correct horse")
+    v = import_into(svc.store, read_export(blob, "correct horse"))  # what `oppu user import` does
+    tok2 = svc.store.tokens.issue(v.user_id)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            r = c.post("/v1/users/wider/generate", json=GEN, headers=bearer(tok2))
+            assert r.status_code == 409 and "v1" in r.json()["detail"] and "cannot be served on this base" in \
+                r.json()["detail"], r.text
+    assert len([m for m in caplog.records if "wider" in m.getMessage()]) == 1
+    assert c.post(f"/v1/users/{uid}/generate", json=GEN, headers=bearer(tok)).status_code == 200
