@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--start-timeout", type=float, default=600.0)
+    ap.add_argument("--arms", default="export,history,training,delete", help="which neighbours, comma-separated")
     args = ap.parse_args()
     args.task, args.max_batch, args.max_wait_ms = TASK, 32, 10.0
     args.extra = ["--max-history-items", str(args.big_history + 10_000)]
@@ -221,7 +222,7 @@ def main() -> None:
                 print(f"alone: {alone['rps']} req/s, p99 {alone['p99_ms']} ms (neighbours set up in {setup_s:.1f}s)",
                       flush=True)
                 results = {}
-                for name, neighbour in plan:
+                for name, neighbour in [(n, f) for n, f in plan if n in args.arms.split(",")]:
                     r = measure(victim, args.victim_clients, args.duration, neighbour)
                     r["rate_ratio"] = round(r["rps"] / alone["rps"], 3) if alone["rps"] else None
                     r["p99_ratio"] = round(r["p99_ms"] / alone["p99_ms"], 3) if alone["p99_ms"] else None

@@ -38,7 +38,7 @@ from oppu.server.batcher import Batcher
 from oppu.server.limits import Limits
 from oppu.server.metrics import Metrics
 from oppu.server.schemas import MAX_K
-from oppu.server.worker import TrainWorker, version_of
+from oppu.server.worker import TrainWorker, lower_priority, version_of
 from oppu.store import (AdapterStore, CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, Version,
                         validate_user_id)
 from oppu.tasks import get_task
@@ -122,7 +122,8 @@ class Service:
         self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000)
         self._jobs_lock = threading.Lock()
         self.limits = Limits(cfg.limits)
-        self.crypto = ThreadPoolExecutor(max_workers=cfg.crypto_workers, thread_name_prefix="oppu-crypto")
+        self.crypto = ThreadPoolExecutor(max_workers=cfg.crypto_workers, thread_name_prefix="oppu-crypto",
+                                         initializer=lower_priority)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

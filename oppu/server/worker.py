@@ -20,6 +20,7 @@ next step; a queued job of a deleted user fails harmlessly when its turn comes.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,16 @@ def version_of(store: AdapterStore, job: Job) -> int | None:
     except StoreError:
         return None
     return next((v.version for v in versions if v.note == job_note(job.kind, job.job_id)), None)
+
+
+def lower_priority(step: int = 10) -> None:
+    """Make the calling thread nicer by `step` (Linux: per thread), so background work (training,
+    scrypt) yields the CPU to request handling when cores are short. A no-op where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):
+        pass
 
 
 class TrainWorker:
@@ -126,6 +137,7 @@ class TrainWorker:
         return out
 
     def _run(self) -> None:
+        lower_priority()
         while True:
             jobs = self._take()
             if jobs is None:
