@@ -160,7 +160,11 @@ class Trainer:
         one is free. Same result as if they had been in `examples_by_user` from the start."""
         if any(r.uid == uid for r in (*self.waiting, *self.active.values())):
             raise ValueError(f"user {uid!r} is already training in this run")
-        self.waiting.append(self._new_run(uid, examples, start, order_seed))
+        run = self._new_run(uid, examples, start, order_seed)
+        if uid in self.parked:  # done earlier in this run: its finished module makes room for the new one
+            self.parked.remove(uid)
+            self.mm.remove_user(uid)
+        self.waiting.append(run)
 
     def cancel(self, uid: str) -> bool:
         """Drop a user's module (waiting, training or parked) and its data from this run; False when
