@@ -51,7 +51,8 @@ def start_server(args, store: Path, admin: str) -> tuple[subprocess.Popen, str, 
     cmd = [sys.executable, "-m", "oppu.cli_serve", "serve", "--store", str(store), "--base", args.base,
            "--base-epochs", str(args.base_epochs), "--task", args.task, "--port", "0", "--port-file", str(port_file),
            "--user-epochs", str(args.user_epochs), "--max-batch", str(args.max_batch), "--max-wait-ms",
-           str(args.max_wait_ms), "--threads", str(args.threads), "--device", args.device, "--log-level", "warning"]
+           str(args.max_wait_ms), "--threads", str(args.threads), "--device", args.device, "--log-level", "warning",
+           *getattr(args, "extra", [])]
     env = {**os.environ, "OPPU_ADMIN_TOKEN": admin, "PYTHONWARNINGS": "ignore"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

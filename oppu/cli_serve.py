@@ -4,12 +4,17 @@
     oppu user create --store var/oppu            # {"user_id": ..., "token": ...} (token shown once)
     oppu user token --store var/oppu USER_ID     # a fresh token (--revoke: the old ones stop working)
     oppu user list --store var/oppu
+    oppu user versions --store var/oppu USER_ID  # every version: active? intact?
+    oppu user rollback --store var/oppu USER_ID 1
+    oppu user import --store var/oppu user.oppu [--user-id ID]   # passphrase: prompt, or OPPU_PASSPHRASE
     oppu user delete --store var/oppu USER_ID --yes
 
 Also runnable as `python -m oppu.cli_serve serve ...`. The `user` commands open the store
 directly (SQLite WAL; safe beside a running server); with a server running prefer its API for
 deletes, which also drops the adapter from the serving model at once (the server otherwise
-notices on the user's next request).
+notices on the user's next request; a rollback too). `user import` runs every check of an
+import but the one that needs the base (that the adapter loads on it); with a server running,
+POST /v1/users/import runs that one as well.
 """
 from __future__ import annotations
 
@@ -67,6 +72,8 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
                                                         "blocks generation) | shared | auto (copy below 1B params)"),
           max_batch: int = typer.Option(32, help="rows per mixed-adapter generation batch"),
           max_wait_ms: float = typer.Option(10.0, help="how long a batch waits for more requests"),
+          max_history_items: int = typer.Option(20_000, help="per-user quota of history items"),
+          max_history_bytes: int = typer.Option(32 << 20, help="per-user quota of history bytes (item JSON)"),
           device: str = typer.Option("cpu", help="cpu | cuda | auto"),
           dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16"),
           threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)"),
@@ -90,7 +97,8 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
         run_cfg = _run_config(base, user_epochs, user_lr)
         cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=run_cfg.user_train,
                           replay=replay, trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          style=run_cfg.prompt_style)
+                          style=run_cfg.prompt_style, max_history_items=max_history_items,
+                          max_history_bytes=max_history_bytes)
         st = AdapterStore(store)
         model, tok, info = open_base(base, cfg.task, st.root, seed=seed, base_epochs=base_epochs, k=k,
                                      max_len=max_len, device=device, dtype=dtype)
@@ -173,7 +181,82 @@ def user_list(store: Path = typer.Option(..., help="store directory")):
             info = st.user(uid)
             print(json.dumps({"user_id": uid, "task": info.task, "active_version": info.active_version,
                               "versions": [v.version for v in st.versions(uid)],
-                              "history_items": len(st.history(uid))}))
+                              "history_items": st.count_history(uid)}))
+
+
+@user_app.command("versions")
+def user_versions(user_id: str = typer.Argument(...), store: Path = typer.Option(..., help="store directory")):
+    """One JSON line per adapter version: active?, intact? (its files re-hashed), note, parent."""
+    from oppu.store import AdapterStore, CorruptAdapterError, StoreError
+    with AdapterStore(store) as st:
+        try:
+            active = st.active_version(user_id)
+            for v in st.versions(user_id):
+                try:
+                    st.verify(user_id, v.version)
+                    problem = None
+                except CorruptAdapterError as e:
+                    problem = f"file {e.file!r} {e.reason}"
+                print(json.dumps({"version": v.version, "active": v.version == active, "intact": problem is None,
+                                  "problem": problem, "created": v.created, "parent_version": v.parent_version,
+                                  "note": v.note, "history_seq": v.history_seq}))
+        except StoreError as e:
+            _fail(str(e))
+
+
+@user_app.command("rollback")
+def user_rollback(user_id: str = typer.Argument(...), version: int = typer.Argument(..., help="an intact version"),
+                  store: Path = typer.Option(..., help="store directory")):
+    """Make an existing version active again after checking its files (a running server serves it
+    from the user's next request)."""
+    from oppu.store import AdapterStore, StoreError
+    with AdapterStore(store) as st:
+        try:
+            st.verify(user_id, version)
+            st.set_active(user_id, version)
+            print(json.dumps({"user_id": user_id, "active_version": st.active_version(user_id)}))
+        except StoreError as e:
+            _fail(str(e))
+
+
+@user_app.command("import")
+def user_import(file: Path = typer.Argument(..., help="an export (POST /v1/users/{id}/adapter)"),
+                store: Path = typer.Option(..., help="store directory"),
+                user_id: Optional[str] = typer.Option(None, help="the new user's id (default: the exported one)"),
+                passphrase_file: Optional[Path] = typer.Option(None, help="file holding the passphrase (one final "
+                                                                          "newline is dropped, nothing else)")):
+    """A new user from an encrypted export: its adapter as v1 (active), its history, and a token
+    (printed once as JSON). The passphrase comes exactly as given: OPPU_PASSPHRASE, --passphrase-file,
+    else a prompt."""
+    from oppu.crypto import CryptoError
+    from oppu.store import AdapterStore, StoreError
+    from oppu.transfer import import_into, read_export
+
+    try:
+        blob = file.read_bytes()
+    except OSError as e:
+        _fail(f"cannot read {file}: {e}")
+    secret = _passphrase(passphrase_file)
+    with AdapterStore(store) as st:
+        try:
+            v = import_into(st, read_export(blob, secret, user_id=user_id))
+            print(json.dumps({"user_id": v.user_id, "token": st.tokens.issue(v.user_id), "active_version": v.version,
+                              "history_items": st.count_history(v.user_id)}))
+        except (CryptoError, StoreError, ValueError) as e:
+            _fail(str(e))
+
+
+def _passphrase(passphrase_file: Optional[Path]) -> str:
+    """The passphrase exactly as given (never trimmed; oppu.crypto NFC-normalizes it)."""
+    if passphrase_file is not None:
+        try:
+            text = passphrase_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"cannot read --passphrase-file {passphrase_file}: {e}")
+        return text[:-1] if text.endswith("\n") else text
+    if "OPPU_PASSPHRASE" in os.environ:
+        return os.environ["OPPU_PASSPHRASE"]
+    return typer.prompt("passphrase", hide_input=True)
 
 
 @user_app.command("delete")
@@ -185,7 +268,10 @@ def user_delete(user_id: str = typer.Argument(...), store: Path = typer.Option(.
         _fail("deleting a user cannot be undone; pass --yes")
     with AdapterStore(store) as st:
         try:
-            print(json.dumps(st.delete_user(user_id)))
+            report = st.delete_user(user_id)
+            if not report["scrubbed"]:  # this process exits next: wait for readers (a server's) to let go
+                report["scrubbed"] = st.scrubber.wait(report["scrub"], timeout=60)
+            print(json.dumps(report))
         except StoreError as e:
             _fail(str(e))
 

@@ -13,7 +13,9 @@ The key is scrypt(passphrase, salt, n, r, p) with a fresh random salt and nonce 
 magic, length and header are the GCM associated data, so changing any byte anywhere (including
 the KDF parameters) fails authentication. A wrong passphrase and a tampered file are
 indistinguishable by design; both raise `DecryptionError`. KDF parameters read from a file are
-bounded, so a crafted header cannot make decryption allocate gigabytes.
+bounded before any key is derived: n a power of two in [2^15, 2^17], r in [1, 16], p in [1, 2] and
+scrypt's memory (128 * n * r bytes) at most MAX_KDF_MEMORY = 64 MiB, so a crafted header cannot
+make one decryption attempt allocate more than 64 MiB nor run more than 4x the default's work.
 
     blob = encrypt(b"payload", "correct horse battery staple")
     decrypt(blob, "correct horse battery staple") == b"payload"
@@ -21,6 +23,7 @@ bounded, so a crafted header cannot make decryption allocate gigabytes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import struct
@@ -32,7 +35,8 @@ FORMAT_VERSION = 1
 CIPHER = "AES-256-GCM"
 KDF = "scrypt"
 DEFAULT_N, DEFAULT_R, DEFAULT_P = 2 ** 15, 8, 1
-MIN_N, MAX_N, MAX_R, MAX_P = 2 ** 15, 2 ** 20, 16, 4
+MIN_N, MAX_N, MAX_R, MAX_P = 2 ** 15, 2 ** 17, 16, 2
+MAX_KDF_MEMORY = 64 << 20        # bytes: scrypt needs 128 * n * r
 SALT_BYTES, NONCE_BYTES, KEY_BYTES = 16, 12, 32
 MAX_HEADER = 4096
 
@@ -50,20 +54,22 @@ class DecryptionError(CryptoError):
 
 
 def _key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
+    """scrypt through hashlib (OpenSSL), which lets other threads run while it works (the
+    `cryptography` package's Scrypt holds the GIL: a server would stall for every export)."""
     if not isinstance(passphrase, str) or not passphrase:
         raise CryptoError("the passphrase must be a non-empty string")
     pw = unicodedata.normalize("NFC", passphrase).encode("utf-8")  # same key however the text was typed
-    return Scrypt(salt=salt, length=KEY_BYTES, n=n, r=r, p=p).derive(pw)
+    return hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, dklen=KEY_BYTES, maxmem=2 * MAX_KDF_MEMORY)
 
 
 def _check_params(n: Any, r: Any, p: Any) -> None:
     ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (n, r, p)) and \
-        MIN_N <= n <= MAX_N and n & (n - 1) == 0 and 1 <= r <= MAX_R and 1 <= p <= MAX_P
+        MIN_N <= n <= MAX_N and n & (n - 1) == 0 and 1 <= r <= MAX_R and 1 <= p <= MAX_P and \
+        128 * n * r <= MAX_KDF_MEMORY
     if not ok:
         raise FormatError(f"scrypt parameters n={n!r} r={r!r} p={p!r} out of range "
-                          f"(n a power of two in [{MIN_N}, {MAX_N}], r <= {MAX_R}, p <= {MAX_P})")
+                          f"(n a power of two in [{MIN_N}, {MAX_N}], r <= {MAX_R}, p <= {MAX_P}, "
+                          f"128*n*r <= {MAX_KDF_MEMORY} bytes)")
 
 
 def encrypt(plaintext: bytes, passphrase: str, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P) -> bytes:

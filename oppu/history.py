@@ -5,10 +5,12 @@ Pure: no disk, no model.
     items = validate_items(get_task("LaMP_2M"), [{"id": "1", "description": "...", "tag": "comedy"}])
     old = replay_sample(history, fraction=0.5, seed=7)     # seeded share of older items, in order
     user = as_user("u1", history)                          # oppu.data.users.User with no queries
+    h = UserHistory("u1", created, task, "bm25")           # kept for answering; grows by new rows only
 """
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any, Sequence
 
 from oppu.data.lamp import ITEM_FIELDS
@@ -65,3 +67,37 @@ def replay_sample(old: Sequence[HistoryItem], fraction: float, seed: int) -> lis
 def as_user(user_id: str, hist: Sequence[HistoryItem]) -> User:
     items = [h.item for h in hist]
     return User(user_id, items, [], {it["id"]: it for it in items})
+
+
+class UserHistory:
+    """One user's history kept in memory for answering, grown incrementally: `extend` appends the
+    rows added since `last_seq` (the store returns only those), and with BM25 the retrieval index
+    grows with them (oppu.retrieval.bm25.IncrementalBM25): adding an item re-reads nothing and
+    rebuilds nothing. Other retrievers are refit when the history grows (`cache` is reset).
+
+        h = UserHistory(uid, created, task, "bm25")
+        h.extend(store.history(uid, after_seq=h.last_seq))
+        prompt = query_prompt(task, h.user, Query("q0", text, None, h.ids), "rag", k, ..., h.cache)
+    """
+
+    def __init__(self, user_id: str, created: float, task: Task, retriever: str):
+        from oppu.retrieval.bm25 import IncrementalBM25
+
+        self.user_id, self.created, self.task, self.last_seq = user_id, created, task, 0
+        self.lock = threading.Lock()  # held while extending and while a prompt reads the index
+        self.user = User(user_id, [], [], {})
+        self.ids: tuple[str, ...] = ()
+        self.index = IncrementalBM25() if retriever == "bm25" else None
+        self.cache: dict = {}
+
+    def extend(self, rows: Sequence[HistoryItem]) -> None:
+        if not rows:
+            return
+        for h in rows:
+            self.user.history.append(h.item)
+            self.user.items_by_id[h.item_id] = h.item
+            if self.index is not None:
+                self.index.add(self.task.item_doc(h.item))
+        self.ids = self.ids + tuple(h.item_id for h in rows)
+        self.last_seq = rows[-1].seq
+        self.cache = {} if self.index is None else {("r", self.user_id, self.ids): self.index}

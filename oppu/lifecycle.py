@@ -9,32 +9,23 @@ one decode serves many users' requests (`answer_rows`).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from oppu import crypto
-from oppu.config import PEFT_TYPES
 from oppu.data.users import Query
-from oppu.history import as_user, replay_sample, validate_items
-from oppu.store import HistoryError, Job, JobError, NoAdapter, Version, validate_user_id
-from oppu.store.bundle import BundleError, pack, unpack
+from oppu.history import UserHistory, as_user, replay_sample, validate_items
+from oppu.store import (CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, UnknownUser, Version,
+                        validate_user_id)
+from oppu.store.bundle import BundleError
 from oppu.tasks import get_task
+from oppu.train_session import JobPlan, TrainResult, TrainSession, fail_job
+from oppu.transfer import check_config, export_blob, import_into, read_export
+
+__all__ = ["Generation", "Lifecycle", "TrainResult"]
 
 log = logging.getLogger("oppu")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    user_id: str
-    version: int
-    parent_version: int | None
-    job_id: str
-    losses: list[float]
-    sources: tuple[str, ...]      # the examples' sources ("item:<id>"), in history order
-    history_seq: int
 
 
 @dataclass(frozen=True)
@@ -49,30 +40,6 @@ class Generation:
         return bool(self.skipped)
 
 
-@dataclass
-class _Plan:
-    """One job's training data, decided before the batched pass."""
-    job_id: str
-    user_id: str
-    kind: str
-    examples: list
-    history_seq: int
-    meta: dict[str, Any]
-    parent: int | None = None
-    start: tuple | None = None
-    order_seed: int | None = None
-
-
-def _shape_groups(plans: dict[str, _Plan]) -> list[list[str]]:
-    """Users whose modules have the same tensor shapes (fresh ones share the run's config), in order:
-    a pass stacks its users' tensors, so a module of another rank or other targets gets its own."""
-    groups: dict[Any, list[str]] = {}
-    for uid, pl in plans.items():
-        key = "fresh" if pl.start is None else tuple(sorted((k, tuple(v.shape)) for k, v in pl.start[1].items()))
-        groups.setdefault(key, []).append(uid)
-    return list(groups.values())
-
-
 def _meta(exs, mode: str) -> dict[str, Any]:
     return {"mode": mode, "examples": len(exs), "sources": list(dict.fromkeys(e.source for e in exs))}
 
@@ -81,11 +48,14 @@ class Lifecycle:
     """Store-backed operations of Personalizer (needs self.store)."""
 
     # -- history -------------------------------------------------------------------------------
-    def add_history(self, user_id: str, task: str, items: Sequence[dict[str, Any]]) -> list[int]:
+    def add_history(self, user_id: str, task: str, items: Sequence[dict[str, Any]], *, max_items: int | None = None,
+                    max_bytes: int | None = None) -> list[int]:
+        """Validate and append items; QuotaExceeded past max_items / max_bytes (see AdapterStore)."""
         t = get_task(task)
         if t.id != self.task.id:
             raise HistoryError(f"this personalizer serves task {self.task.id!r}, not {t.id!r}")
-        return self.store.add_history(user_id, t.id, validate_items(t, items))
+        return self.store.add_history(user_id, t.id, validate_items(t, items), max_items=max_items,
+                                      max_bytes=max_bytes)
 
     def history(self, user_id: str):
         task = self.store.user(user_id).task
@@ -118,70 +88,42 @@ class Lifecycle:
 
     def run_jobs(self, jobs: Sequence[Job], replay: float = 0.5,
                  notes: dict[str, str] | None = None) -> dict[str, TrainResult | BaseException]:
-        """Run train/update jobs of different users in one batched pass; each job is marked
-        running, then done (its version published) or failed (the error kept). {job_id: result}."""
+        """Run train/update jobs of different users batched together (oppu.train_session; modules of
+        other shapes in a later session); each job is marked running, then done (its version
+        published) or failed (the error kept). {job_id: result}."""
         results: dict[str, TrainResult | BaseException] = {}
-        plans: dict[str, _Plan] = {}
+        pending, users = [], set()
         for job in jobs:
-            try:
-                if job.user_id in plans:
-                    raise JobError(f"user {job.user_id!r} already has job {plans[job.user_id].job_id!r} in this pass")
-                self.store.jobs.set(job.job_id, "running")
-                plans[job.user_id] = self._plan(job, replay)
-            except BaseException as e:
-                results[job.job_id] = self._failed(job.job_id, e)
-        if not plans:
-            return results
-        notes = notes or {}
-
-        def publish(uid, losses, config, state):
-            from oppu.engine import write_adapter
-
-            pl = plans[uid]
-            try:
-                v = self.store.put_version(
-                    uid, lambda d: (write_adapter(d, config, state), {"losses": losses})[1], task=self.task.id,
-                    peft_type=self.peft, parent_version=pl.parent, history_seq=pl.history_seq,
-                    note=notes.get(pl.job_id) or pl.meta["note"], meta={k: v for k, v in pl.meta.items() if k != "note"})
-                self.store.jobs.set(pl.job_id, "done")
-                results[pl.job_id] = TrainResult(v.user_id, v.version, v.parent_version, pl.job_id,
-                                                 v.meta.get("losses", []), tuple(v.meta.get("sources", [])),
-                                                 v.history_seq)
-            except BaseException as e:  # e.g. the user was deleted meanwhile
-                results[pl.job_id] = self._failed(pl.job_id, e)
-
-        for group in _shape_groups(plans):  # modules of one shape share a pass (and its stacked tensors)
-            try:
-                self.train_modules({u: plans[u].examples for u in group}, publish,
-                                   start={u: plans[u].start for u in group if plans[u].start is not None},
-                                   order_seeds={u: plans[u].order_seed for u in group
-                                                if plans[u].order_seed is not None})
-            except BaseException as e:
-                for u in group:
-                    if plans[u].job_id not in results:
-                        results[plans[u].job_id] = self._failed(plans[u].job_id, e)
-                if not isinstance(e, Exception):
-                    raise
+            if job.user_id in users:
+                results[job.job_id] = fail_job(self.store, job.job_id, JobError(
+                    f"user {job.user_id!r} already has a job in this call"))
+            else:
+                users.add(job.user_id)
+                pending.append(job)
+        while pending:
+            with TrainSession(self, replay, notes) as session:
+                pending = [j for j in pending if not session.admit(j)]
+                try:
+                    while session.busy:
+                        session.step()
+                except Exception as e:  # the jobs of this session fail with it; the error is kept
+                    for uid in list(session.plans):
+                        session.cancel(uid, e)
+            results.update(session.results)
         return results
 
-    def _failed(self, job_id: str, e: BaseException) -> BaseException:
-        try:
-            self.store.jobs.set(job_id, "failed", error=f"{type(e).__name__}: {e}")
-        except JobError:
-            pass  # the job went with its user (deleted meanwhile)
-        return e
-
-    def _plan(self, job: Job, replay: float) -> _Plan:
+    def plan_job(self, job: Job, replay: float) -> JobPlan:
+        """What the job trains on (examples, starting module, order seed); raises when it cannot run."""
         uid = job.user_id
         hist = self.history(uid)
         exs = self.examples(as_user(uid, hist))
         if job.kind == "train":
             if not exs:
                 raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
-            return _Plan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
+            return JobPlan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
         return self._update_plan(job, hist, exs, replay)
 
-    def _update_plan(self, job: Job, hist, exs, replay: float) -> _Plan:
+    def _update_plan(self, job: Job, hist, exs, replay: float) -> JobPlan:
         from oppu.engine import read_adapter, user_seed
 
         uid = job.user_id
@@ -204,13 +146,14 @@ class Lifecycle:
             raise HistoryError(f"user {uid!r}: the items added since v{active} give no training example")
         meta = {**_meta(exs, "update"), "replay": replay, "new_items": len(new),
                 "note": f"update of v{active} (replay {replay})"}
-        return _Plan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
+        return JobPlan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
                      order_seed=user_seed(self.seed, tag))
 
     def rollback(self, user_id: str, version: int) -> Version:
         """Make an older (or any existing) version active again, after checking its files."""
         self.store.verify(user_id, version)
         self.store.set_active(user_id, version)
+        self._corrupt.pop(user_id, None)
         return self.store.version(user_id, version)
 
     def versions(self, user_id: str) -> list[Version]:
@@ -218,19 +161,31 @@ class Lifecycle:
 
     # -- answers -------------------------------------------------------------------------------
     def user_prompt(self, user_id: str, text: str, k: int | None = None) -> str:
-        """The prompt for one input of this user: the task template, k items retrieved from the history."""
+        """The prompt for one input of this user: the task template, k items retrieved from the
+        history (kept in memory per user and grown with the rows added since: oppu.history.UserHistory)."""
         k = self.k if k is None else k
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        hist = self.history(user_id)
-        last = hist[-1].seq if hist else 0
-        got = self._prompt_caches.get(user_id)
-        if got is None or got[0] != last:  # the retrieval index follows the history
-            got = self._prompt_caches[user_id] = (last, {})
-        while len(self._prompt_caches) > 1024:
-            self._prompt_caches.pop(next(iter(self._prompt_caches)))
-        q = Query("q0", text, None, tuple(h.item_id for h in hist))
-        return self.prompt(as_user(user_id, hist), q, "rag" if k > 0 else "plain", k, got[1])
+        h = self._user_history(user_id)
+        with h.lock:  # one user's requests take turns; other users never wait here
+            h.extend(self.store.history(user_id, after_seq=h.last_seq))
+            q = Query("q0", text, None, h.ids)
+            return self.prompt(h.user, q, "rag" if k > 0 else "plain", k, h.cache)
+
+    def _user_history(self, user_id: str) -> UserHistory:
+        info = self.store.user(user_id)
+        if info.task not in (None, self.task.id):
+            raise HistoryError(f"user {user_id!r} belongs to task {info.task!r}; this personalizer serves {self.task.id!r}")
+        with self._histories_lock:
+            h = self._histories.pop(user_id, None)
+            if h is None or h.created != info.created:  # a user deleted and made again under the same id
+                h = UserHistory(user_id, info.created, self.task, self.retriever)
+            self._histories[user_id] = h  # most recently used last
+            held = sum(len(x.ids) for x in self._histories.values())
+            while len(self._histories) > 1 and (len(self._histories) > self.max_histories
+                                                or held > self.max_history_items_held):
+                held -= len(self._histories.pop(next(iter(self._histories))).ids)  # least recently used
+        return h
 
     def answer_rows(self, rows: Sequence[tuple[str, str]]) -> list[tuple[str, int] | BaseException]:
         """(text, version) for each (user, prompt) row, one mixed-adapter decode for all; a row whose
@@ -239,6 +194,8 @@ class Lifecycle:
 
         out: list[Any] = [None] * len(rows)
         with self.lock:
+            while self._to_drop:
+                self.slots.drop(self._to_drop.pop())
             versions: dict[str, int] = {}
             for uid in dict.fromkeys(u for u, _ in rows):
                 try:
@@ -257,8 +214,6 @@ class Lifecycle:
 
     def _ensure_loaded(self, uid: str) -> int:
         """The version serving `uid` (verified; a corrupt newest one falls back), loaded in the slots."""
-        from oppu.store import UnknownUser
-
         try:
             active = self.store.active_version(uid)
         except UnknownUser:
@@ -268,13 +223,33 @@ class Lifecycle:
         if key is not None and key[0] == active:
             self.slots.ensure(uid, key, None)
             return key[1]
-        served = self.store.resolve_active(uid)  # checksums; NoAdapter when there is none
-        self.slots.ensure(uid, (active, served.version.version), served.path)
+        served = self._resolve(uid, active)
+        try:
+            self.slots.ensure(uid, (active, served.version.version), served.path)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:  # e.g. made for another base
+            err = CorruptAdapterError(uid, served.version.version, "adapter_model.safetensors",
+                                      f"cannot be served on this base ({type(e).__name__}: {e})")
+            self._corrupt[uid] = (active, err)
+            log.error("user %s: %s; refused until a rollback or a new version", uid, err)
+            raise err from e
         self._skips[uid] = [str(e) for e in served.skipped]
         if served.skipped:
             log.warning("user %s: serving v%d; newer version(s) refused: %s", uid, served.version.version,
                         "; ".join(self._skips[uid]))
         return served.version.version
+
+    def _resolve(self, uid: str, active: int | None) -> Served:
+        """resolve_active, remembering a user with no intact version: until their active version
+        changes (rollback, a new version) it is refused at once, logged only the first time."""
+        known = self._corrupt.get(uid)
+        if known is not None and known[0] == active:
+            raise known[1]
+        try:
+            return self.store.resolve_active(uid)  # checksums; NoAdapter when there is none
+        except CorruptAdapterError as e:
+            self._corrupt[uid] = (active, e)
+            log.error("user %s: no intact adapter version (%s); refused until a rollback or a new version", uid, e)
+            raise
 
     def answer(self, user_id: str, inputs: Sequence[str], k: int | None = None) -> Generation:
         """Answer LaMP-style inputs with the user's active adapter (verified; a corrupt one falls
@@ -296,53 +271,39 @@ class Lifecycle:
     # -- privacy -------------------------------------------------------------------------------
     def delete_user(self, user_id: str) -> dict[str, Any]:
         """Everything of the user: history, versions and files, jobs, tokens, loaded weights, caches."""
-        self._prompt_caches.pop(user_id, None)
+        with self._histories_lock:
+            self._histories.pop(user_id, None)
         self._skips.pop(user_id, None)
-        with self.lock:
-            self.slots.drop(user_id)
-        return self.store.delete_user(user_id)
+        self._corrupt.pop(user_id, None)
+        out = self.store.delete_user(user_id)
+        if self.lock.acquire(timeout=1.0):  # a shared-base training pass may hold it for long
+            try:
+                self.slots.drop(user_id)
+            finally:
+                self.lock.release()
+        else:
+            self._to_drop.add(user_id)  # the next batch drops the weights, under the lock
+        return out
 
     def export_user(self, user_id: str, passphrase: str, include_history: bool = True) -> bytes:
-        """One encrypted file: the active version's files (checksum-verified), its metadata and,
-        optionally, the history."""
-        info = self.store.user(user_id)
-        if info.active_version is None:
-            raise NoAdapter(f"user {user_id!r} has no adapter to export; train one first")
-        v = self.store.version(user_id, info.active_version)
-        files = self.store.read_version_files(user_id, v.version)
-        history = self.store.history(user_id) if include_history else None
-        return crypto.encrypt(pack(user_id, v.task, v, files, history), passphrase)
+        """One encrypted file: the newest intact version's files (checksum-verified; the active one
+        unless it is corrupt), its metadata and, optionally, the history."""
+        return self.export_served(user_id, passphrase, include_history)[0]
+
+    def export_served(self, user_id: str, passphrase: str, include_history: bool = True) -> tuple[bytes, Served]:
+        """export_user, and which version went out (`.skipped`: corrupt newer ones, why)."""
+        return export_blob(self.store, user_id, passphrase, include_history)
 
     def import_user(self, blob: bytes, passphrase: str, user_id: str | None = None) -> Version:
         """A new user (the exported id, or `user_id`) with the export's adapter as v1 and its
         history. Every check (passphrase, integrity, task, items, loading onto this base through
         the engine) runs before anything is written; a failure leaves the store unchanged."""
-        b = unpack(crypto.decrypt(blob, passphrase))
-        if get_task(b.task).id != self.task.id:
-            raise BundleError(f"the export is for task {b.task!r}; this personalizer serves {self.task.id!r}")
-        if b.adapter["peft_type"] not in PEFT_TYPES:
-            raise BundleError(f"unknown PEFT type {b.adapter['peft_type']!r} in the export; valid: {PEFT_TYPES}")
-        uid = validate_user_id(user_id if user_id is not None else b.user_id)
-        history = []
-        if b.history is not None:
-            items = validate_items(self.task, [it for _, it in b.history])
-            history = [(seq, it) for (seq, _), it in zip(b.history, items)]
-        hseq = b.adapter["history_seq"] if history else 0
-        fields = {"peft_type": b.adapter["peft_type"], "parent_version": None, "history_seq": hseq,
-                  "note": f"imported (exported as v{b.adapter['version']})",
-                  "meta": {**b.adapter["meta"], "imported": True}}
-        return self.store.import_user(uid, self.task.id, history, b.files, fields,
-                                      check=lambda d: self._check_loads(d, b.adapter["peft_type"]))
+        incoming = read_export(blob, passphrase, self.task.id, user_id)
+        return import_into(self.store, incoming, check=lambda d: self._check_loads(d, incoming.fields["peft_type"]))
 
     def _check_loads(self, d: Path, expected: str) -> None:
         """The files must be an adapter the engine runs on this base before they are kept."""
-        try:
-            cfg = json.loads((d / "adapter_config.json").read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"the export's adapter_config.json is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict) or str(cfg.get("peft_type") or "").lower() != expected.lower():
-            raise BundleError(f"the export's adapter_config.json says peft_type {cfg.get('peft_type')!r}, "
-                              f"its metadata says {expected!r}")
+        check_config((d / "adapter_config.json").read_bytes(), expected)
         with self.lock:
             try:
                 self.slots.check(d)

@@ -60,8 +60,13 @@ class Personalizer(Lifecycle):
         self.train_lock = self.lock if self.train_model is model else threading.RLock()
         self.max_loaded = max_loaded
         self._slots = None
-        self._prompt_caches: dict[str, tuple[int, dict]] = {}   # user -> (last history seq, retriever cache)
+        self._histories: dict = {}                              # user -> history.UserHistory (LRU)
+        self._histories_lock = threading.Lock()
+        self.max_histories = max(1024, max_loaded)                # users' histories kept for answering,
+        self.max_history_items_held = 1_000_000                  # and their items in all (LRU past either)
         self._skips: dict[str, list[str]] = {}                  # user -> corrupt versions skipped when loaded
+        self._corrupt: dict[str, tuple] = {}                    # user -> (active version, error): none intact
+        self._to_drop: set[str] = set()                         # deleted users whose weights await the lock
 
     # -- examples and prompts (pure) ---------------------------------------------------------
     def examples(self, user: User, variants: Sequence[str] | None = None, k: int | None = None) -> list[Example]:
@@ -82,7 +87,7 @@ class Personalizer(Lifecycle):
         return self._slots
 
     @contextmanager
-    def _training_base(self) -> Iterator[Any]:
+    def training_base(self) -> Iterator[Any]:
         """The model to train on, with nothing else wrapped around it for the duration."""
         with self.train_lock:
             shared = self.train_model is self.model and self._slots is not None
@@ -103,7 +108,7 @@ class Personalizer(Lifecycle):
         ucfg = ucfg or self.ucfg
         pcfg = self.pcfg if (peft or self.peft) == self.peft and ucfg is self.ucfg else \
             peft_config(peft or self.peft, ucfg, n_layers_of(self.model))
-        with self._training_base() as base:
+        with self.training_base() as base:
             return Trainer(base, self.tok, examples_by_user, pcfg, ucfg, self.seed if seed is None else seed,
                            max_len or self.max_len, self.max_users_per_batch, on_user_done, self.tokens_per_forward,
                            start=start, order_seeds=order_seeds, on_step=on_step).run()

@@ -24,6 +24,8 @@ RUNS = {  # run name -> (script, argv)
                                   "--other-users", "4"]),
     "load_server": ("load_server", ["--clients", "2", "--duration", "1", "--base", "tiny:micro", "--threads", "1",
                                     "--history", "4", "--user-epochs", "1"]),
+    "tenants": ("tenants", ["--duration", "0.5", "--victim-clients", "1", "--flood", "2", "--big-history", "200",
+                            "--train-items", "40", "--user-epochs", "1"]),
 }
 MACHINE = {"cpu_model", "cpu_cores", "torch_threads", "torch", "cuda_device", "device"}
 
@@ -117,3 +119,12 @@ def test_load_server(runs):
     assert res["clients"] == 2 and res["errors"] == 0 and res["requests"] > 0
     assert {"p50", "p90", "p99"} <= set(res["latency_ms"]) and res["latency_ms"]["p50"] <= res["latency_ms"]["p99"]
     assert res["throughput_rps"] > 0 and res["mean_batch_rows"] >= 1
+
+
+def test_tenants(runs):
+    res = _result(runs, "tenants")
+    assert set(res["arms"]) == {"export", "history", "training", "delete"} and res["alone"]["rps"] > 0
+    for arm in res["arms"].values():
+        assert {"rps", "p50_ms", "p99_ms", "rate_ratio", "p99_ratio", "ok", "victim_codes", "neighbour_codes"} <= set(arm)
+    assert "429" in res["arms"]["export"]["neighbour_codes"]  # the flood is refused
+    assert "429" not in res["arms"]["export"]["victim_codes"]  # the victim is not

@@ -155,3 +155,38 @@ def test_errors_name_the_problem(base, tmp_path):
     with pytest.raises(ValueError, match="cannot continue a ia3 module as lora"):
         tr.run()
     assert not any(type(m).__name__ == "MultiUserLinear" for m in model.modules())  # run() closed it
+
+
+def test_users_join_and_leave_a_running_trainer(base):
+    """Trainer.add lets a user join between steps (one done earlier in the run too), cancel drops
+    one; a one-example user finishes beside a long one, the others go on, the base comes back clean."""
+    from oppu.engine import Trainer
+    from oppu.examples import Example
+
+    model, _ = base
+    tok = base[1]
+    done: list[str] = []
+
+    def exs(u: str, n: int) -> list:
+        return [Example(f"item {u} {i} tag:", "b", u, "plain", str(i)) for i in range(n)]
+
+    tr = Trainer(model, tok, {}, pcfg_of("lora-qv"), ucfg_of("lora-qv"), SEED, MAX_LEN, max_users_per_batch=4,
+                 on_user_done=lambda uid, losses, cfg, state: done.append(uid), reserve=4)
+    try:
+        tr.add("long", exs("long", 40))
+        tr.add("gone", exs("gone", 40))
+        tr.step()
+        tr.add("short", exs("short", 1))
+        while "short" not in done:
+            tr.step()
+        assert "long" not in done  # the short one finished first, beside the long one
+        assert tr.cancel("gone") and not tr.cancel("nobody") and "gone" not in tr.mm.users
+        with pytest.raises(ValueError, match="already training"):
+            tr.add("long", exs("long", 1))
+        tr.add("short", exs("short", 2))  # done earlier in this run: it may train again
+        while tr.busy:
+            tr.step()
+        assert done.count("short") == 2 and "long" in done and "gone" not in done
+    finally:
+        tr.close()
+    assert not any(type(m).__name__ == "MultiUserLinear" for m in model.modules())

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from conftest import assert_same_module
 from lifecycle_common import (MAX_LEN, PASS, QUERIES, SEED, TASK, UCFG, assert_clean, base,  # noqa: F401
                               make_items, p, peft_answers, snapshot, trained_user, weights)
+from oppu import crypto
 from oppu.history import as_user, replay_sample, validate_items
 from oppu.store import AdapterStore, CorruptAdapterError, HistoryError, HistoryItem, NoAdapter
+from oppu.store.bundle import unpack
 from oppu.tasks import get_task
 
 
@@ -192,8 +194,9 @@ def test_corrupt_active_version_falls_back_and_cannot_be_rolled_back_to(p, base)
     with pytest.raises(CorruptAdapterError, match="v2.*adapter_model.safetensors"):
         p.rollback(uid, 2)
     p.store.set_active(uid, 2)  # store level: no check; an export must still refuse the corrupt file
-    with pytest.raises(CorruptAdapterError, match="v2"):
-        p.export_user(uid, PASS)
+    blob, served = p.export_served(uid, PASS)  # ... and carry the newest intact version, saying so
+    assert served.version.version == 1 and [e.version for e in served.skipped] == [2]
+    assert unpack(crypto.decrypt(blob, PASS)).adapter["version"] == 1
     assert_clean(p, snap)
 
 
@@ -215,12 +218,12 @@ def test_delete_user_leaves_nothing_on_disk_or_in_the_db(p):
     root = p.store.root
     blobs = raw_bytes(root)
     assert any(marker.encode() in b for b in blobs.values())  # the check below can see data when it is there
-    assert uid in p._prompt_caches and uid in p.slots.mm.users
+    assert uid in p._histories and uid in p.slots.mm.users
 
     report = p.delete_user(uid)
     assert report["scrubbed"] and report["rows"]["users"] == 1 and report["rows"]["history_items"] == 13
     assert report["rows"]["adapter_versions"] == 3 and report["rows"]["tokens"] == 1 and report["rows"]["jobs"] == 3
-    assert uid not in p._prompt_caches and uid not in p.slots.mm.users and not p.store.has_user(uid)
+    assert uid not in p._histories and uid not in p.slots.mm.users and not p.store.has_user(uid)
     assert not [x for x in root.rglob("*") if uid in str(x.relative_to(root))]
     leaks = [name for name, data in raw_bytes(root).items() if uid.encode() in data or marker.encode() in data]
     assert leaks == []  # store.db, its WAL and every adapter file
@@ -240,3 +243,38 @@ def test_delete_user_leaves_nothing_on_disk_or_in_the_db(p):
         assert reopened.recovered == {"tmp": [], "adapters": [], "cache": []} and reopened.users() == ["keeper"]
     finally:
         reopened.close()
+
+
+def test_prompts_read_only_new_history_rows_and_never_refit(p, monkeypatch):
+    """Serving keeps each user's history and BM25 index in memory: after one item is added, the
+    next prompt reads that one row and refits nothing, and equals a prompt built from scratch."""
+    from oppu.data.users import Query
+    from oppu.retrieval.bm25 import BM25Retriever
+
+    uid = p.store.new_user()
+    p.add_history(uid, "LaMP_2M", make_items("h", 300, 3))
+    fits, reads = [], []
+    real_fit, real_history = BM25Retriever.fit, p.store.history
+    monkeypatch.setattr(BM25Retriever, "fit", lambda self, docs: fits.append(len(docs)) or real_fit(self, docs))
+
+    def history(user_id, after_seq=0):
+        rows = real_history(user_id, after_seq)
+        reads.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(p.store, "history", history)
+    p.user_prompt(uid, "a first question")
+    p.add_history(uid, "LaMP_2M", [{"id": "new", "description": "robots at war in deep space", "tag": "sci-fi"}])
+    text = "robots war space"
+    got = p.user_prompt(uid, text)
+    assert reads == [300, 1] and fits == []
+    hist = real_history(uid)
+    monkeypatch.setattr(BM25Retriever, "fit", real_fit)
+    fresh = p.prompt(as_user(uid, hist), Query("q0", text, None, tuple(h.item_id for h in hist)), "rag", p.k)
+    assert got == fresh and "robots at war in deep space" in got
+    p.max_history_items_held = 250  # past it, the least recently used history is dropped (rebuilt on demand)
+    other = p.store.new_user()
+    p.add_history(other, "LaMP_2M", make_items("x", 10, 4))
+    p.user_prompt(other, "anything")
+    assert uid not in p._histories and other in p._histories
+    assert p.user_prompt(uid, text) == got and reads[-1] == 301  # rebuilt from the store, same prompt

@@ -75,6 +75,14 @@ def test_crypto_header_and_kdf_bounds():
     greedy = json.dumps({**header, "n": 2 ** 30}, separators=(",", ":")).encode()
     with pytest.raises(crypto.FormatError, match="out of range"):  # refused before any key derivation
         crypto.decrypt(crypto.MAGIC + len(greedy).to_bytes(2, "big") + greedy + blob[10 + hlen:], PASS)
+    for n, r, p in ((2 ** 20, 16, 1), (2 ** 17, 16, 1), (2 ** 16, 8, 4)):  # 2 GiB, 256 MiB, 4 lanes: refused
+        big = json.dumps({**header, "n": n, "r": r, "p": p}, separators=(",", ":")).encode()
+        with pytest.raises(crypto.FormatError, match="out of range"):
+            crypto.decrypt(crypto.MAGIC + len(big).to_bytes(2, "big") + big + blob[10 + hlen:], PASS)
+        with pytest.raises(crypto.FormatError, match="out of range"):
+            crypto.encrypt(b"x", PASS, n=n, r=r, p=p)
+    edge = crypto.encrypt(b"edge", PASS, n=2 ** 16, r=8, p=2)  # 64 MiB, twice the default's lanes: the bound
+    assert crypto.decrypt(edge, PASS) == b"edge"
     with pytest.raises(crypto.FormatError, match="magic"):
         crypto.decrypt(b"PK\x03\x04" + blob, PASS)
     with pytest.raises(crypto.CryptoError, match="passphrase"):

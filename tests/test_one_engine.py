@@ -17,12 +17,16 @@ def spies(monkeypatch):
 
     from oppu.engine import decode, train
 
-    calls = {"train": [], "decode": 0}
-    run, rows = train.Trainer.run, decode.greedy_rows
+    calls = {"train": [], "decode": 0, "sessions": {}}
+    run, add, rows = train.Trainer.run, train.Trainer.add, decode.greedy_rows
 
     def spy_run(self):
         calls["train"].append(sorted(r.uid for r in self.waiting))
         return run(self)
+
+    def spy_add(self, uid, *a, **kw):  # a training session (the server's) adds its users one by one
+        calls["sessions"].setdefault(id(self), []).append(uid)
+        return add(self, uid, *a, **kw)
 
     def spy_rows(*a, **kw):
         calls["decode"] += 1
@@ -32,6 +36,7 @@ def spies(monkeypatch):
         raise AssertionError("a second path: the product must not call this")
 
     monkeypatch.setattr(train.Trainer, "run", spy_run)
+    monkeypatch.setattr(train.Trainer, "add", spy_add)
     monkeypatch.setattr(decode, "greedy_rows", spy_rows)
     monkeypatch.setattr(transformers.GenerationMixin, "generate", refuse)
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", refuse)
@@ -62,7 +67,7 @@ def test_an_experiment_trains_and_generates_through_the_engine(spies, tmp_path, 
     assert spies["decode"] >= 1
 
 
-def test_the_server_trains_queued_users_in_one_pass_and_serves_through_the_engine(spies, tmp_path):
+def test_the_server_trains_queued_users_in_one_session_and_serves_through_the_engine(spies, tmp_path):
     from oppu.model.base import build_tiny_base, load_base
     from oppu.server import ServeConfig, Service
     from oppu.store import AdapterStore
@@ -85,7 +90,7 @@ def test_the_server_trains_queued_users_in_one_pass_and_serves_through_the_engin
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert [svc.job(j.job_id)["status"] for j in jobs] == ["done", "done"]
-        assert spies["train"] == [sorted(users)]          # one batched pass for both users
+        assert [sorted(u) for u in spies["sessions"].values()] == [sorted(users)]  # one batched session for both
         futs = [svc.submit_generate(uid, "LaMP_2M", "description: robots again") for uid in users]
         assert [f.result(60)[1] for f in futs] == [1, 1]
         assert spies["decode"] >= 1

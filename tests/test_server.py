@@ -26,27 +26,36 @@ def test_auth_matrix(client):
     gen = {"task": "LaMP_2M", "input": query("space robot")}
     routes = [("post", "/v1/users/{u}/history", {"task": "LaMP_2M", "items": items("y", 1)}),
               ("post", "/v1/users/{u}/train", None), ("post", "/v1/users/{u}/generate", gen),
-              ("get", "/v1/users/{u}/adapter", None), ("get", "/v1/users/{u}", None),
-              ("delete", "/v1/users/{u}", None)]
+              ("post", "/v1/users/{u}/adapter", {"passphrase": "long enough pass"}), ("get", "/v1/users/{u}", None),
+              ("post", "/v1/users/{u}/token", None), ("get", "/v1/users/{u}/versions", None),
+              ("post", "/v1/users/{u}/rollback", {"version": 1}), ("delete", "/v1/users/{u}", None)]
+    admin_only = [("post", "/v1/users", None), ("post", "/v1/users/import", {"export": "AAAA", "passphrase": "x" * 8})]
 
     def call(method, path, body, headers):
-        return client.request(method, path, json=body, headers={**headers, "X-Oppu-Passphrase": "long enough pass"})
+        return client.request(method, path, json=body, headers=headers)
+
+    def raw(method, path, content, headers):  # a body that is not JSON at all
+        return client.request(method, path, content=content, headers={**headers, "Content-Type": "application/json"})
 
     # no token, a malformed header, an unknown token: 401 everywhere, before the body is even looked at
     for headers in ({}, {"Authorization": "Basic " + ADMIN}, {"Authorization": "Bearer"}, bearer("not-a-token")):
-        for method, path, body in routes + [("post", "/v1/users", None)]:
-            r = call(method, path.format(u=a), {"garbage": True} if body else None, headers)
-            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, r.text)
+        for method, path, body in routes + admin_only:
+            for r in (call(method, path.format(u=a), {"garbage": True} if body else None, headers),
+                      raw(method, path.format(u=a), b'{"task": [nope', headers)):
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, r.text)
         assert client.get(f"/v1/jobs/{job_b}", headers=headers).status_code == 401
     # a user token on another user's paths: 403, one body whether that user exists or not
     bodies = set()
     for other in (b, "no-such-user", "bad id!", "x" * 80):
         for method, path, body in routes:
-            r = call(method, path.format(u=other), body, bearer(ta))
-            assert r.status_code == 403, (other, method, path, r.text)
-            bodies.add(r.text)
+            for r in (call(method, path.format(u=other), body, bearer(ta)),
+                      raw(method, path.format(u=other), b"[[[ not json", bearer(ta))):
+                assert r.status_code == 403, (other, method, path, r.text)
+                bodies.add(r.text)
     assert bodies == {json.dumps({"detail": "this token may only access its own user"}, separators=(",", ":"))}
-    assert client.post("/v1/users", headers=bearer(ta)).status_code == 403
+    for method, path, body in admin_only:  # a user token on an admin route: 403, the body unread
+        for r in (call(method, path, body, bearer(ta)), raw(method, path, b"{oops", bearer(ta))):
+            assert r.status_code == 403 and r.json()["detail"] == "this endpoint needs the admin token", r.text
     # jobs: another user's job and an unknown job look the same to a user token
     r1, r2 = client.get(f"/v1/jobs/{job_b}", headers=bearer(ta)), client.get("/v1/jobs/nope", headers=bearer(ta))
     assert r1.status_code == r2.status_code == 403 and r1.text == r2.text
@@ -80,6 +89,14 @@ def test_validation_errors_name_the_problem(client):
         (gen, {"task": "LaMP_2M", "input": ""}, 422, "body.input: String should have at least 1"),
         (gen, {"task": "LaMP_2M", "input": "q", "k": -1}, 422, "body.k: Input should be greater than or equal"),
         (gen, {"task": "LaMP_2M", "input": "q", "k": "many"}, 422, "body.k"),
+        (gen, {"task": "LaMP_2M", "input": "q", "k": True}, 422, "body.k: Input should be a valid integer"),
+        (gen, {"task": "LaMP_2M", "input": "q", "k": "2"}, 422, "body.k: Input should be a valid integer"),
+        (f"/v1/users/{uid}/adapter", {"passphrase": "short"}, 422, "body.passphrase: String should have at least 8"),
+        (f"/v1/users/{uid}/adapter", {}, 422, "body.passphrase: Field required"),
+        (f"/v1/users/{uid}/adapter", {"passphrase": "long enough", "history": 1}, 422,
+         "body.history: Input should be a valid boolean"),
+        (f"/v1/users/{uid}/rollback", {"version": True}, 422, "body.version: Input should be a valid integer"),
+        (f"/v1/users/{uid}/rollback", {"version": 0}, 422, "body.version: Input should be greater than or equal"),
         (gen, {"task": "LaMP_2M", "input": "q"}, 404, "has no adapter yet"),
         (f"/v1/users/{uid}/train", None, 409, "has no history"),
     ]
@@ -89,6 +106,9 @@ def test_validation_errors_name_the_problem(client):
     raw = [(b'{"task": "LaMP_2M", "items": [', 422, "JSON decode error"),
            (b'{"task": "LaMP_2M", "input": "\\ud800 lone"}', 422, "body.input: Input should be a valid string"),
            (b"[" * 100_000, 400, "error parsing the body: RecursionError"),
+           (b'{"task": "LaMP_2M", "input": "q", "k": NaN}', 422, "body: NaN is not a JSON number"),
+           (b'{"task": "LaMP_2M", "input": "q", "k": -Infinity}', 422, "body: -Infinity is not a JSON number"),
+           (b'{"task": "LaMP_2M", "input": "q", "k": 1e999}', 422, "body: number 1e999 is too large to be finite"),
            (b"x" * ((1 << 20) + 1), 413, "limit of 1048576 bytes")]
     for content, status, msg in raw:
         r = client.post(gen, content=content, headers={**h, "Content-Type": "application/json"})
@@ -99,12 +119,14 @@ def test_validation_errors_name_the_problem(client):
     streamed = client.post(hist, content=(b"x" * 65536 for _ in range(20)),  # chunked: no Content-Length
                            headers={**h, "Content-Type": "application/json"})
     assert streamed.status_code == 413 and "1048576" in streamed.json()["detail"]
-    r = client.get(f"/v1/users/{uid}/adapter", headers={**h, "X-Oppu-Passphrase": "short"})
-    assert r.status_code == 422 and r.json()["detail"].startswith("header.X-Oppu-Passphrase: String should have")
-    r = client.get(f"/v1/users/{uid}/adapter", headers=h)
-    assert r.status_code == 422 and "X-Oppu-Passphrase: Field required" in r.json()["detail"]
-    r = client.get("/v1/users/bad%20id/adapter", headers={**A, "X-Oppu-Passphrase": "long enough"})
+    nan = b'{"task": "LaMP_2M", "items": [{"id": "n", "description": "d", "tag": "t", "score": NaN}]}'
+    r = client.post(hist, content=nan, headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 422 and "NaN is not a JSON number" in r.json()["detail"]  # never stored, never exported
+    r = client.post("/v1/users/bad%20id/adapter", json={"passphrase": "long enough"}, headers=A)
     assert r.status_code == 422 and r.json()["detail"].startswith("path.user_id: String should match pattern")
+    r = client.post("/v1/users/import", json={"export": "not base64!", "passphrase": "long enough"}, headers=A)
+    assert r.status_code == 422 and "body.export: Value error, must be the export file in standard base64" in \
+        r.json()["detail"], r.text
     assert client.get(f"/v1/users/{uid}", headers=h).json()["history_items"] == 0  # nothing half-stored
 
 
@@ -113,7 +135,8 @@ def test_openapi_spec_lists_every_route_with_bearer_auth(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/users", "/v1/users/{user_id}", "/v1/users/{user_id}/history", "/v1/users/{user_id}/train",
             "/v1/jobs/{job_id}", "/v1/users/{user_id}/generate", "/v1/users/{user_id}/adapter", "/healthz",
-            "/metrics"} == set(spec["paths"])
+            "/metrics", "/v1/users/import", "/v1/users/{user_id}/token", "/v1/users/{user_id}/versions",
+            "/v1/users/{user_id}/rollback", "/scrub"} == set(spec["paths"])
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert spec["paths"]["/v1/users/{user_id}/generate"]["post"]["security"] == [{"HTTPBearer": []}]
 
@@ -139,6 +162,11 @@ def test_metrics_exposition(client):
     assert 'oppu_http_requests_total{method="POST",route="/v1/users/{user_id}/generate",status="200"}' in text
     assert 'route="/v1/users/{user_id}",status="401"' in text
     assert uid not in text and tok not in text
+    for method in ("BREW", "PROPFIND", "X" * 60):  # made-up methods, unauthenticated: no new series
+        client.request(method, "/v1/users/nope")
+    text = client.get("/metrics").text
+    methods = set(re.findall(r'oppu_http_requests_total\{method="([^"]*)"', text))
+    assert methods <= {"GET", "POST", "DELETE", "other"} and "other" in methods, methods
 
 
 def test_histogram_buckets_are_cumulative():

@@ -163,7 +163,7 @@ def test_docs_walkthrough_runs_against_the_live_server(server):
             for name, key in re.findall(r"(\w+)=<(\w+)>", cmd):
                 env[name] = str(last[key])
             continue
-        assert cmd.startswith("curl "), f"unexpected walkthrough line: {line}"
+        assert cmd.startswith("curl ") or "| curl " in cmd, f"unexpected walkthrough line: {line}"
         end = time.monotonic() + 60
         while True:
             r = subprocess.run(["bash", "-c", cmd], cwd=server.workdir, env=env, capture_output=True, text=True,
@@ -177,14 +177,27 @@ def test_docs_walkthrough_runs_against_the_live_server(server):
         seen.append((cmd, last))
     by_path = {re.search(r"\$PORT(\S+)", c).group(1): a for c, a in seen}  # the last answer per path
     assert by_path["/healthz"]["status"] == "ok"
-    assert by_path["/v1/users/$USER_ID/history"]["added"] == 4
-    assert by_path["/v1/jobs/$JOB_ID"]["status"] == "done" and by_path["/v1/jobs/$JOB_ID"]["version"] == 1
+    assert by_path["/v1/users/$USER_ID/history"]["added"] == 1
+    assert by_path["/v1/jobs/$JOB_ID"]["status"] == "done" and by_path["/v1/jobs/$JOB_ID"]["version"] == 2
     assert by_path["/v1/users/$USER_ID/generate"]["adapter_version"] == 1
-    assert seen[-2][1] == {"user_id": env["USER_ID"], "deleted": True} and seen[-1][1] == {"raw": "401"}
+    listed = by_path["/v1/users/$USER_ID/versions"]
+    assert listed["active_version"] == 2 and [(v["version"], v["intact"]) for v in listed["versions"]] == \
+        [(1, True), (2, True)]
+    assert by_path["/v1/users/$USER_ID/rollback"]["active_version"] == 1
+    rotated = by_path["/v1/users/$USER_ID/token"]
+    assert rotated["revoked"] == 1 and rotated["token"] == env["TOKEN"]
+    restored = by_path["/v1/users/import"]
+    assert (restored["user_id"], restored["active_version"], restored["history_items"]) == ("restored", 1, 5)
+    deleted = seen[-2][1]
+    assert (deleted["user_id"], deleted["deleted"], deleted["scrubbed"]) == (env["USER_ID"], True, True)
+    assert seen[-1][1] == {"raw": "401"}
     from oppu import crypto
     from oppu.store.bundle import unpack
     bundle = unpack(crypto.decrypt((server.workdir / "user.oppu").read_bytes(), "correct horse battery staple"))
-    assert bundle.user_id == env["USER_ID"] and bundle.adapter["version"] == 1 and len(bundle.history) == 4
+    assert bundle.user_id == env["USER_ID"] and bundle.adapter["version"] == 1 and len(bundle.history) == 5
+    api = Api(server.url, restored["token"])  # the restored user answers with the exported v1
+    assert api.ok("POST", "/v1/users/restored/generate",
+                  json={"task": "LaMP_2M", "input": "robots at war"})["adapter_version"] == 1
 
 
 # -- crash safety --------------------------------------------------------------------------------
@@ -295,7 +308,7 @@ def test_fuzz_api_from_openapi_spec_no_5xx(server):
     api.train(uid)
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     ops = sorted((r.ok() for r in schema.get_all_operations()), key=lambda op: op.method.upper() == "DELETE")
-    assert len(ops) == 10
+    assert len(ops) == 15
     statuses: dict[str, set[int]] = {}
     n = {"calls": 0}
 
@@ -319,3 +332,80 @@ def test_fuzz_api_from_openapi_spec_no_5xx(server):
     print(f"\nfuzz: {n['calls']} requests; statuses per operation: "
           f"{ {k: sorted(v) for k, v in sorted(statuses.items())} }")
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# -- strictness, owner operations and limits over real HTTP ----------------------------------------
+def test_strict_input_limits_and_private_files_on_the_live_server(server):
+    import stat
+
+    from oppu import crypto
+
+    api = Api(server.url)
+    uid, tok = api.user(4, prefix="st")
+    api.train(uid)
+    other, other_tok = api.user(2, prefix="so")
+    mine = Api(server.url, tok)
+    json_h = {"Content-Type": "application/json"}
+    for headers, status in (({}, 401), ({"Authorization": "Bearer nope"}, 401),
+                            ({"Authorization": f"Bearer {other_tok}"}, 403)):  # auth before the body is read
+        r = httpx.post(f"{server.url}/v1/users/{uid}/history", content=b'{"task": [oops', headers={**json_h, **headers})
+        assert r.status_code == status, r.text
+    for raw in (b'{"task": "LaMP_2M", "input": "q", "k": NaN}', b'{"task": "LaMP_2M", "input": "q", "k": true}'):
+        r = mine.c.post(f"/v1/users/{uid}/generate", content=raw, headers=json_h)
+        assert r.status_code == 422, r.text
+    typed = " pässwörd-ünïcode "
+    ex = mine.c.post(f"/v1/users/{uid}/adapter", json={"passphrase": typed})
+    assert ex.status_code == 200 and ex.headers["cache-control"] == "no-store"
+    assert crypto.decrypt(ex.content, typed) and crypto.decrypt(ex.content, unicodedata_nfd(typed))
+    codes = [mine.c.post(f"/v1/users/{uid}/adapter", json={"passphrase": typed}) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429] and int(codes[-1].headers["retry-after"]) >= 1
+    assert Api(server.url, other_tok).ok("POST", f"/v1/users/{other}/history", json={
+        "task": "LaMP_2M", "items": items("more", 1)})["added"] == 1  # the other user is not limited
+    httpx.request("BREW", f"{server.url}/v1/users/{uid}")
+    methods = set(re.findall(r'oppu_http_requests_total\{method="([^"]*)"', httpx.get(server.url + "/metrics").text))
+    assert "other" in methods and "BREW" not in methods
+    rotated = mine.ok("POST", f"/v1/users/{uid}/token")
+    assert mine.c.get(f"/v1/users/{uid}").status_code == 401
+    assert Api(server.url, rotated["token"]).ok("GET", f"/v1/users/{uid}/versions")["versions"][0]["intact"]
+    store = server.workdir / "store"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (store, store / "store.db", store / "adapters")}
+    assert modes == {"store": 0o700, "store.db": 0o600, "adapters": 0o700}, modes
+
+
+def unicodedata_nfd(text: str) -> str:
+    import unicodedata
+    return unicodedata.normalize("NFD", text)
+
+
+def test_fair_training_and_a_delete_under_a_read_snapshot_on_the_live_server(server):
+    """A one-item job trains beside another user's long job and is done first; deleting the long
+    job's user while a reader holds an old snapshot answers at once (scrubbed: false), does not
+    hold up another user's write, cancels the job, and the scrub finishes once the reader goes."""
+    import sqlite3
+
+    api = Api(server.url)
+    big, big_tok = api.user(600, prefix="big")
+    small, _ = api.user(1, prefix="one")
+    jbig = api.ok("POST", f"/v1/users/{big}/train", 202)["job_id"]
+    assert api.wait(jbig, until=("running", "done", "failed"))["status"] == "running"
+    time.sleep(0.5)
+    assert api.train(small)["status"] == "done"
+    assert api.ok("GET", f"/v1/jobs/{jbig}")["status"] == "running"
+    reader = sqlite3.connect(server.workdir / "store" / "store.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM history_items").fetchone()
+    try:
+        t0 = time.monotonic()
+        gone = Api(server.url, big_tok).ok("DELETE", f"/v1/users/{big}")
+        assert time.monotonic() - t0 < 5 and gone["deleted"] and not gone["scrubbed"], gone
+        t0 = time.monotonic()
+        api.ok("POST", f"/v1/users/{small}/history", json={"task": "LaMP_2M", "items": items("late", 1)})
+        assert time.monotonic() - t0 < 3
+        assert api.c.get(f"/v1/jobs/{jbig}").status_code == 404
+    finally:
+        reader.rollback()
+        reader.close()
+    end = time.monotonic() + 30
+    while httpx.get(server.url + "/scrub").json()["done"] < gone["scrub"]:
+        assert time.monotonic() < end
+        time.sleep(0.1)

@@ -53,7 +53,7 @@ def test_full_flow_create_history_train_generate_update_export_delete(svc_client
     info = c.get(f"/v1/users/{uid}", headers=h).json()
     assert info == {"user_id": uid, "task": "LaMP_2M", "active_version": 2, "versions": [1, 2], "history_items": 9}
     # export: decrypts with the passphrase to the active version's files and the history
-    ex = c.get(f"/v1/users/{uid}/adapter", headers={**h, "X-Oppu-Passphrase": "correct horse battery"})
+    ex = c.post(f"/v1/users/{uid}/adapter", json={"passphrase": "correct horse battery"}, headers=h)
     assert ex.status_code == 200 and ex.headers["content-type"] == "application/octet-stream"
     assert ex.headers["x-oppu-adapter-version"] == "2"
     with pytest.raises(crypto.DecryptionError):
@@ -62,10 +62,11 @@ def test_full_flow_create_history_train_generate_update_export_delete(svc_client
     assert bundle.user_id == uid and bundle.adapter["version"] == 2
     assert bundle.files == svc.store.read_version_files(uid, 2)
     assert [it["id"] for _, it in bundle.history] == [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(3)]
-    nohist = c.get(f"/v1/users/{uid}/adapter?history=false", headers={**h, "X-Oppu-Passphrase": "correct horse"})
+    nohist = c.post(f"/v1/users/{uid}/adapter", json={"passphrase": "correct horse", "history": False}, headers=h)
     assert unpack(crypto.decrypt(nohist.content, "correct horse")).history is None
     # delete: the token stops working, the admin sees 404, the adapter leaves the serving model
-    assert c.delete(f"/v1/users/{uid}", headers=h).json() == {"user_id": uid, "deleted": True}
+    gone = c.delete(f"/v1/users/{uid}", headers=h).json()
+    assert (gone["user_id"], gone["deleted"], gone["scrubbed"]) == (uid, True, True)
     assert c.get(f"/v1/users/{uid}", headers=h).status_code == 401
     for method, path in (("get", f"/v1/users/{uid}"), ("delete", f"/v1/users/{uid}"),
                          ("post", f"/v1/users/{uid}/train")):
@@ -147,38 +148,70 @@ def test_shared_trainer_base_gives_the_same_answers(base, tmp_path, monkeypatch)
         torch.testing.assert_close(t, tensors["copy"][k], rtol=1e-5, atol=1e-6)
 
 
-def test_queued_jobs_of_two_users_train_in_one_batched_pass(base, tmp_path, monkeypatch):
-    """Jobs that wait in the queue while a pass runs go into ONE batched pass of the engine's trainer
-    (Personalizer.train_modules, spied on, sees both users in one call), and both versions are
-    published. The first pass is held at the trainer's lock so the two jobs queue up behind it."""
-    from oppu.personalizer import Personalizer
+def test_queued_jobs_join_the_running_training_session(base, tmp_path, monkeypatch):
+    """Jobs queued while a session runs join it (oppu.train_session, spied on: one session admits
+    all three users), and every version is published. The first session is held at the trainer's
+    lock so the two jobs queue up behind it."""
+    from oppu.train_session import TrainSession
 
-    calls: list[list[str]] = []
-    real = Personalizer.train_modules
+    sessions: list[list[str]] = []
+    real_enter, real_admit = TrainSession.__enter__, TrainSession.admit
 
-    def spy(self, examples_by_user, on_user_done, **kw):
-        calls.append(sorted(examples_by_user))
-        return real(self, examples_by_user, on_user_done, **kw)
+    def enter(self):
+        sessions.append([])
+        return real_enter(self)
 
-    monkeypatch.setattr(Personalizer, "train_modules", spy)
+    def admit(self, job):
+        ok = real_admit(self, job)
+        sessions[-1].append(job.user_id) if ok else None
+        return ok
+
+    monkeypatch.setattr(TrainSession, "__enter__", enter)
+    monkeypatch.setattr(TrainSession, "admit", admit)
     svc = make_service(base, tmp_path / "store")
     with TestClient(create_app(svc)) as c:
         (first, _), (a, ta), (b, tb) = (new_user(c) for _ in range(3))
         for i, uid in enumerate((first, a, b)):
             c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": items(f"q{i}-", 4 + i, i)}, headers=A)
-        with svc.p.train_lock:  # the worker's first pass waits here, its job running
+        with svc.p.train_lock:  # the worker's first session waits here
             j0 = c.post(f"/v1/users/{first}/train", headers=A).json()["job_id"]
-            wait_job_status(c, j0, "running")
+            time.sleep(0.5)  # past the gathering window: the session has started with `first` alone
             ja, jb = (c.post(f"/v1/users/{u}/train", headers=A).json()["job_id"] for u in (a, b))
             assert [c.get(f"/v1/jobs/{j}", headers=A).json()["status"] for j in (ja, jb)] == ["queued", "queued"]
         done = [wait_job(c, j, A) for j in (j0, ja, jb)]
         assert [(d["status"], d["version"]) for d in done] == [("done", 1)] * 3
-        assert calls == [[first], sorted([a, b])]  # a and b trained together, in one call
+        assert sessions == [[first, a, b]]  # a and b joined the session `first` was training in
         for uid, tok in ((a, ta), (b, tb)):
             assert c.get(f"/v1/users/{uid}", headers=A).json()["active_version"] == 1
             g = c.post(f"/v1/users/{uid}/generate", json={"task": "LaMP_2M", "input": query("love")},
                        headers=bearer(tok))
             assert g.status_code == 200 and g.json()["adapter_version"] == 1
+    svc.store.close()
+
+
+def test_a_small_job_finishes_beside_a_long_one_and_delete_cancels(base, tmp_path):
+    """Fair training: a one-item job queued behind another user's long job trains beside it and is
+    done while the long one still runs. Deleting the long job's user drops it from the trainer."""
+    svc = make_service(base, tmp_path / "store")
+    with TestClient(create_app(svc)) as c:
+        (big, tbig), (small, tsmall) = new_user(c), new_user(c)
+        c.post(f"/v1/users/{big}/history", json={"task": "LaMP_2M", "items": items("big", 600)}, headers=A)
+        c.post(f"/v1/users/{small}/history", json={"task": "LaMP_2M", "items": items("s", 1)}, headers=A)
+        jbig = c.post(f"/v1/users/{big}/train", headers=bearer(tbig)).json()["job_id"]
+        wait_job_status(c, jbig, "running")
+        time.sleep(0.5)
+        jsmall = c.post(f"/v1/users/{small}/train", headers=bearer(tsmall)).json()["job_id"]
+        assert wait_job(c, jsmall, A)["status"] == "done"
+        assert c.get(f"/v1/jobs/{jbig}", headers=A).json()["status"] == "running"  # still training
+        t0 = time.monotonic()
+        assert c.delete(f"/v1/users/{big}", headers=bearer(tbig)).status_code == 200
+        assert time.monotonic() - t0 < 10 and jbig not in svc.worker.current
+        assert c.get(f"/v1/jobs/{jbig}", headers=A).status_code == 404
+        end = time.monotonic() + 10
+        while svc.worker.current and time.monotonic() < end:
+            time.sleep(0.05)
+        assert svc.worker.current == [] and svc.store.versions(small)[0].version == 1
+        assert not svc.store.has_user(big)
     svc.store.close()
 
 

@@ -269,3 +269,49 @@ def test_tokens_are_stored_hashed(store):
     raw = [tuple(r) for r in store.db.conn().execute("SELECT * FROM tokens")]
     assert tok not in repr(raw)
     assert store.tokens.revoke(uid) == 1 and store.tokens.user_for(tok) is None
+
+
+# -- file modes ----------------------------------------------------------------------------------
+def test_store_files_are_private_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    root = tmp_path / "older" / "store"
+    root.mkdir(parents=True, mode=0o755)  # a store made before: opening it makes it private
+    old = os.umask(0o022)
+    try:
+        with AdapterStore(root) as st:
+            uid = st.new_user()
+            st.add_history(uid, TASK, [{"id": "1", "description": "d", "tag": "t"}])
+            v = st.put_version(uid, fake_adapter(), task=TASK, peft_type="lora")
+            st.cache_dir(uid)
+            paths = [root, root / "store.db", root / "store.db-wal", root / "adapters", st.path(v).parent,
+                     st.path(v), *(st.path(v) / n for n in ADAPTER_FILES), root / "tmp", root / "cache"]
+            modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    finally:
+        os.umask(old)
+    assert modes == {k: "0o700" if (tmp_path / k).is_dir() else "0o600" for k in modes}, modes
+
+
+# -- quotas --------------------------------------------------------------------------------------
+def test_history_quotas_name_the_limit_and_store_nothing(store):
+    from oppu.store import QuotaExceeded
+
+    uid = store.new_user()
+    item = lambda i: {"id": str(i), "description": "d" * 10, "tag": "t"}  # noqa: E731
+    store.add_history(uid, TASK, [item(i) for i in range(3)], max_items=4)
+    with pytest.raises(QuotaExceeded, match=r"2 more item\(s\) would make 5 history items, over the limit of 4 "
+                                            r"\(max_history_items\)"):
+        store.add_history(uid, TASK, [item(3), item(4)], max_items=4)
+    assert store.count_history(uid) == 3  # all or nothing
+    size = store.db.conn().execute("SELECT bytes FROM history_totals WHERE user_id=?", (uid,)).fetchone()[0]
+    assert size == sum(len(json.dumps(item(i)).encode()) for i in range(3))
+    with pytest.raises(QuotaExceeded, match=f"over the limit of {size + 10} \\(max_history_bytes\\)"):
+        store.add_history(uid, TASK, [item(9)], max_bytes=size + 10)
+    with store.db.write() as c:  # a store from before the totals: counted once from the rows
+        c.execute("DELETE FROM history_totals")
+    with pytest.raises(QuotaExceeded, match="would make 4 history items, over the limit of 3"):
+        store.add_history(uid, TASK, [item(5)], max_items=3)
+    store.add_history(uid, TASK, [item(5)], max_items=4)
+    assert store.count_history(uid) == 4
+    assert store.delete_user(uid)["rows"]["history_totals"] == 1

@@ -130,7 +130,8 @@ class Trainer:
                  max_len: int = 384, max_users_per_batch: int = 16, on_user_done: UserDone | None = None,
                  tokens_per_forward: int = TOKENS_PER_FORWARD, start: Mapping[str, tuple] | None = None,
                  order_seeds: Mapping[str, int] | None = None, group_by_length: bool = False,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None, reuse_prefix: bool = True) -> None:
+                 on_step: Callable[[int, dict[str, float]], None] | None = None, reuse_prefix: bool = True,
+                 reserve: int | None = None) -> None:
         if max_users_per_batch < 1 or tokens_per_forward < 1:
             raise ValueError(f"max_users_per_batch and tokens_per_forward must be >= 1, got "
                              f"{max_users_per_batch}, {tokens_per_forward}")
@@ -139,26 +140,72 @@ class Trainer:
         self.group, self.tokens_per_forward = max_users_per_batch, tokens_per_forward
         self.on_user_done, self.on_step = on_user_done, on_step
         start, order_seeds = start or {}, order_seeds or {}
+        self.max_len, self.group_by_length = max_len, group_by_length
         self.waiting: deque[_Run] = deque()
         for uid, exs in examples_by_user.items():
-            if not exs:
-                raise ValueError(f"user {uid!r} has no training examples")
-            data = encode(tok, exs, max_len)
-            plan = batches(len(data), ucfg.batch_size, ucfg.epochs, order_seeds.get(uid, user_seed(seed, uid)),
-                           [len(e.ids) for e in data] if group_by_length else None)
-            self.waiting.append(_Run(uid, data, [(e, idx) for e, epoch in enumerate(plan) for idx in epoch],
-                                     start.get(uid)))
+            self.waiting.append(self._new_run(uid, exs, start.get(uid), order_seeds.get(uid)))
         self.active: dict[int, _Run] = {}     # slot -> run
         self.parked: list[str] = []           # finished users still holding a slot (freed when needed)
         self.losses: dict[str, list[float]] = {}
         self.decoder, self.head = decoder_and_head(base)
         self.mm = MultiUserModel(base)
-        self.mm.reserve(self.kind, min(self.group, len(self.waiting)))
+        self.mm.reserve(self.kind, reserve or min(self.group, len(self.waiting)))
         self.opt: StackedAdamW | None = None
         self.n_steps = 0
         self.n_tokens = sum(len(e.ids) for r in self.waiting for e in r.data)
         self.reuse_prefix = reuse_prefix
         self.prefix: FrozenPrefix | None = None   # set once the first modules are in (engine/prefix.py)
+
+    def _new_run(self, uid: str, exs: Sequence, start: tuple | None, order_seed: int | None) -> _Run:
+        if not exs:
+            raise ValueError(f"user {uid!r} has no training examples")
+        data = encode(self.tok, exs, self.max_len)
+        seed = user_seed(self.seed, uid) if order_seed is None else order_seed
+        plan = batches(len(data), self.ucfg.batch_size, self.ucfg.epochs, seed,
+                       [len(e.ids) for e in data] if self.group_by_length else None)
+        return _Run(uid, data, [(e, idx) for e, epoch in enumerate(plan) for idx in epoch], start)
+
+    def add(self, uid: str, examples: Sequence, start: tuple | None = None, order_seed: int | None = None) -> None:
+        """One more user joins this run: they get a slot (and a mini-batch in every step) as soon as
+        one is free. Same result as if they had been in `examples_by_user` from the start."""
+        if any(r.uid == uid for r in (*self.waiting, *self.active.values())):
+            raise ValueError(f"user {uid!r} is already training in this run")
+        run = self._new_run(uid, examples, start, order_seed)
+        if uid in self.parked:  # done earlier in this run: its finished module makes room for the new one
+            self.parked.remove(uid)
+            self.mm.remove_user(uid)
+        self.waiting.append(run)
+
+    def cancel(self, uid: str) -> bool:
+        """Drop a user's module (waiting, training or parked) and its data from this run; False when
+        the run does not hold it. The other users go on as if it had never been there."""
+        found = False
+        for run in [r for r in self.waiting if r.uid == uid]:
+            self.waiting.remove(run)
+            found = True
+        for slot in [s for s, r in self.active.items() if r.uid == uid]:
+            if self.prefix is not None:
+                self.prefix.forget(self.active[slot].data)
+            del self.active[slot]
+            found = True
+        if uid in self.parked:
+            self.parked.remove(uid)
+        if uid in self.mm.users:
+            self.mm.remove_user(uid)
+            found = True
+        return found
+
+    def fresh_shapes(self) -> dict[str, tuple]:
+        """{state key: shape} of a fresh module of this run (a module continued from a saved state
+        may join only with the same shapes)."""
+        if getattr(self, "_fresh", None) is None:
+            with self.mm.detached() as base:
+                self._fresh = {k: tuple(v.shape) for k, v in initial_module(base, self.pcfg, self.seed, "-")[1].items()}
+        return self._fresh
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
 
     def _module(self, run: _Run) -> tuple:
         if run.start is not None:
@@ -242,7 +289,7 @@ class Trainer:
 
     def run(self) -> dict[str, list[float]]:
         try:
-            while self.waiting or self.active:
+            while self.busy:
                 self.step()
         finally:
             self.close()

@@ -8,11 +8,15 @@
     app = create_app(svc)                                                  # FastAPI; uvicorn.run(app)
 
 Files (needs the `serve` extra: fastapi, uvicorn):
-    app.py      routes, bearer auth (admin / per-user tokens), error mapping, body limit, metrics
+    app.py      routes, auth dependencies, per-user limits, error mapping
+    owner_routes.py  export, import, token rotation, versions, rollback, delete
+    guard.py    the route class: auth before the body is read, strict JSON
+    limits.py   per-user token buckets and in-flight caps per route class (pure)
+    middleware.py    body limit, request counters
     schemas.py  request/response bodies and their limits (the OpenAPI spec comes from these)
     service.py  Service: store + Personalizer (training) + batcher (generation); ServeConfig
     batcher.py  mixed-adapter generation batches over a warm MultiUserModel
-    worker.py   the background training thread (train / incremental update jobs)
+    worker.py   the background training thread (jobs join a running training session)
     bases.py    --base tiny | tiny:<preset> | checkpoint dir | `oppu run` output
     metrics.py  Prometheus text exposition
 """

@@ -5,105 +5,49 @@
 Auth: `Authorization: Bearer <token>`. The admin token (OPPU_ADMIN_TOKEN) works on every route;
 a user's token only on /v1/users/<that user>/... and that user's jobs. No or an unknown token:
 401. A user token on another user's path or job: 403 with the same body whether or not the other
-user or job exists, so a token learns nothing about other users. /healthz and /metrics are open
-(no user data: counts only, route templates, never ids).
+user or job exists, so a token learns nothing about other users. Auth is checked before the body
+is read (oppu.server.guard). /healthz and /metrics are open (no user data: counts only, route
+templates, never ids).
 
 Errors are JSON {"detail": "..."} naming the problem: 422 for invalid bodies (field path first,
-e.g. "body.items: List should have at most 1000 items"), 413 for oversized bodies, 404 unknown
-user/job/no adapter, 409 state conflicts (a job already running, nothing new to train on).
+e.g. "body.items: List should have at most 1000 items"; JSON is strict: no NaN/Infinity, no
+true for a number), 413 for oversized bodies and for history past a user's quota, 429 past a per-user limit (with Retry-After), 404 unknown user/job/version/no adapter, 409 state
+conflicts (a job already running, nothing new to train on, no intact adapter version).
+The owner's own operations (export, import, token rotation, versions, rollback, delete):
+oppu/server/owner_routes.py.
 """
 import asyncio
 import logging
 import time
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 import oppu.server.schemas as S
 from oppu.crypto import CryptoError
-from oppu.server.service import Conflict, Service
-from oppu.store import (USER_ID_PATTERN, CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter,
-                        UnknownUser, UnknownVersion, UserExists)
+from oppu.server.guard import AUTH_ERRORS, NEEDS_ADMIN, NO_STORE, NOT_OWN, UserId, guarded_route
+from oppu.server.limits import Refused
+from oppu.server.middleware import BodyLimit, RequestMetrics, problem
+from oppu.server.owner_routes import owner_routes
+from oppu.server.service import Caller, Conflict, Service
+from oppu.store import (BundleError, CorruptAdapterError, HistoryError, InvalidUserId, JobError,
+                        NoAdapter, QuotaExceeded, UnknownUser, UnknownVersion, UserExists)
 
 log = logging.getLogger("oppu.server")
-STATUS = [(InvalidUserId, 422), (HistoryError, 422), (CryptoError, 422), (UnknownUser, 404), (NoAdapter, 404),
-          (UnknownVersion, 404), (JobError, 404), (UserExists, 409), (Conflict, 409),
-          (CorruptAdapterError, 500)]
-UserId = Annotated[str, Path(pattern=USER_ID_PATTERN, description="a user id (the one POST /v1/users returned)")]
+STATUS = [(QuotaExceeded, 413), (InvalidUserId, 422), (HistoryError, 422), (CryptoError, 422), (BundleError, 422),
+          (UnknownUser, 404), (NoAdapter, 404), (UnknownVersion, 404), (JobError, 404), (UserExists, 409),
+          (Conflict, 409)]
+ADMIN_PATHS = frozenset({"/v1/users", "/v1/users/import"})
+ROUTE_CLASS = {("POST", "/v1/users/{user_id}/generate"): "generate", ("POST", "/v1/users/{user_id}/adapter"): "export",
+               ("POST", "/v1/users/import"): "export", ("POST", "/v1/users/{user_id}/train"): "train",
+               ("POST", "/v1/users/{user_id}/history"): "history", ("POST", "/v1/users/{user_id}/token"): "account",
+               ("POST", "/v1/users/{user_id}/rollback"): "account", ("DELETE", "/v1/users/{user_id}"): "account",
+               ("POST", "/v1/users"): "account"}  # anything else under /v1: "read"
 JobId = Annotated[str, Path(min_length=1, max_length=64)]
-AUTH_ERRORS = {401: {"model": S.Problem, "description": "no, malformed or unknown bearer token"},
-               403: {"model": S.Problem, "description": "the token may not access this resource"},
-               422: {"description": "invalid request; detail names the field"}}
-NOT_OWN = "this token may only access its own user"
-
-
-class Caller:
-    def __init__(self, admin: bool, user_id: str | None = None):
-        self.admin, self.user_id = admin, user_id
-
-
-def _problem(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """413 with the sizes named, before the body is read when Content-Length says so, else as
-    soon as the streamed body passes the limit."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        msg = f"request body larger than the limit of {self.max_bytes} bytes"
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _problem(400, f"invalid Content-Length header {length.decode('latin-1')!r}")(
-                    scope, receive, send)
-            if int(length) > self.max_bytes:
-                return await _problem(413, f"{msg} (Content-Length: {int(length)})")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, msg)  # FastAPI re-raises middleware HTTPExceptions as is
-            return message
-
-        await self.app(scope, limited, send)
-
-
-class RequestMetrics:
-    """Counts every response by method, route template and status."""
-
-    def __init__(self, app, service: Service):
-        self.app, self.metrics = app, service.metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.request(scope.get("method", ""), route, status)
 
 
 def _handlers(app: FastAPI) -> None:
@@ -132,15 +76,18 @@ def _handlers(app: FastAPI) -> None:
 
     for exc_type, status in STATUS:
         def handler(request: Request, exc: Exception, status=status):
-            if status >= 500:
-                log.error("%s %s: %s", request.method, request.url.path, exc)
-            return _problem(status, str(exc))
+            return problem(status, str(exc))
         app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(CorruptAdapterError)
+    def corrupt(request: Request, exc: CorruptAdapterError):  # logged once by the Personalizer, not here
+        return problem(409, f"{exc}; no intact adapter version to use: see GET /v1/users/{{user_id}}/versions, "
+                            "then POST /v1/users/{user_id}/rollback to an intact one, or train again")
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):
         log.exception("%s %s failed", request.method, request.url.path)
-        return _problem(500, f"internal error ({type(exc).__name__}); see the server log")
+        return problem(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 def _document_task(app: FastAPI, task) -> None:
@@ -185,39 +132,59 @@ def create_app(svc: Service) -> FastAPI:
                               f"Task: {svc.task.id}.")
     app.state.service = svc
     _document_task(app, svc.task)
-    app.add_middleware(BodyLimit, max_bytes=svc.cfg.max_body_bytes)
-    app.add_middleware(RequestMetrics, service=svc)
+    app.add_middleware(BodyLimit, max_bytes=svc.cfg.max_body_bytes,
+                       overrides={"/v1/users/import": svc.cfg.max_import_bytes})
+    app.add_middleware(RequestMetrics, metrics=svc.metrics)
     _handlers(app)
+    app.router.route_class = guarded_route(svc.authenticate, ADMIN_PATHS, _admit(svc))
     caller, admin, owner = _auth(svc)
     # Registration order is the route and OpenAPI path order.
     _ops_routes(app, svc)
     _account_routes(app, svc, admin, owner)
     _training_routes(app, svc, caller, owner)
     _inference_routes(app, svc, owner)
-    _user_data_routes(app, svc, owner)
+    owner_routes(app, svc, admin, owner)
     return app
+
+
+def _admit(svc: Service):
+    """Per-user limits (oppu.server.limits) on every /v1 route, by route class: past them, 429 with
+    Retry-After before the body is read, sent after `refuse_delay_s` (an idle wait, no CPU), so a
+    client that ignores Retry-After costs the server one cheap refusal a second per connection.
+    The admin token is the operator's: not limited."""
+    async def admit(request: Request, caller: Caller, path: str, call_next):
+        if caller.admin:
+            return await call_next()
+        cls = ROUTE_CLASS.get((request.method, path), "read")
+        got = svc.limits.admit(request.path_params.get("user_id") or caller.user_id, cls, time.monotonic())
+        if isinstance(got, Refused):  # answered after a pause: a client ignoring Retry-After cannot spin
+            await asyncio.sleep(min(svc.cfg.refuse_delay_s, got.retry_after_s))
+            raise HTTPException(429, got.reason, headers={"Retry-After": str(got.retry_after_s)})
+        try:
+            return await call_next()
+        finally:
+            svc.limits.release(got)
+
+    return admit
 
 
 def _auth(svc: Service):
     """The three auth dependencies: caller (any valid token), admin (the admin token) and owner
-    (admin, or the token of the user named in the path; returns that user id)."""
+    (admin, or the token of the user named in the path; returns that user id). The route class
+    (oppu.server.guard) has already checked all three before the body was read; these hand the
+    result to the routes and put the bearer scheme into the OpenAPI spec."""
     bearer = HTTPBearer(auto_error=False, description="the admin token, or a user's token for that user's routes")
 
-    def caller(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-        unauthorized = {"WWW-Authenticate": "Bearer"}
-        if cred is None or not cred.credentials:
+    def caller(request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+        c = getattr(request.state, "caller", None)
+        if c is None:  # not a guarded route: never the case for /v1 routes
             raise HTTPException(401, "missing or malformed Authorization header; expected 'Bearer <token>'",
-                                headers=unauthorized)
-        if svc.is_admin(cred.credentials):
-            return Caller(admin=True)
-        uid = svc.user_for_token(cred.credentials)
-        if uid is None:
-            raise HTTPException(401, "invalid or revoked token", headers=unauthorized)
-        return Caller(admin=False, user_id=uid)
+                                headers={"WWW-Authenticate": "Bearer"})
+        return c
 
     def admin(c: Annotated[Caller, Depends(caller)]) -> Caller:
         if not c.admin:
-            raise HTTPException(403, "this endpoint needs the admin token")
+            raise HTTPException(403, NEEDS_ADMIN)
         return c
 
     def owner(request: Request, c: Annotated[Caller, Depends(caller)]) -> str:
@@ -230,11 +197,17 @@ def _auth(svc: Service):
 
 
 def _ops_routes(app: FastAPI, svc: Service) -> None:
-    """/healthz and /metrics: open, no user data."""
+    """/healthz, /scrub and /metrics: open, no user data."""
     @app.get("/healthz", response_model=S.Health, tags=["ops"])
     def healthz():
         return S.Health(status="ok", task=svc.task.id, base=str(svc.base_info.get("source", "")),
                         trainer_base=svc.trainer_base, uptime_s=round(time.time() - svc.started, 3))
+
+    @app.get("/scrub", response_model=S.ScrubStatus, tags=["ops"])
+    def scrub():
+        """Deletes' scrub generations (counters only): a delete answered `scrub: g` is scrubbed
+        once `done >= g`."""
+        return S.ScrubStatus(**svc.store.scrubber.status())
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"}})
@@ -247,9 +220,10 @@ def _account_routes(app: FastAPI, svc: Service, admin, owner) -> None:
     Owner = Annotated[str, Depends(owner)]
 
     @app.post("/v1/users", status_code=201, response_model=S.UserCreated, responses=AUTH_ERRORS, tags=["users"])
-    def create_user(_: Annotated[Caller, Depends(admin)]):
+    def create_user(response: Response, _: Annotated[Caller, Depends(admin)]):
         """Admin: a new user with a random id and a bearer token (shown once, stored hashed)."""
         uid, token = svc.create_user()
+        response.headers.update(NO_STORE)
         return S.UserCreated(user_id=uid, token=token)
 
     @app.get("/v1/users/{user_id}", response_model=S.UserOut, responses=AUTH_ERRORS, tags=["users"])
@@ -257,7 +231,7 @@ def _account_routes(app: FastAPI, svc: Service, admin, owner) -> None:
         info = svc.store.user(user_id)
         return S.UserOut(user_id=info.user_id, task=info.task, active_version=info.active_version,
                          versions=[v.version for v in svc.store.versions(user_id)],
-                         history_items=len(svc.store.history(user_id)))
+                         history_items=svc.store.count_history(user_id))
 
     @app.post("/v1/users/{user_id}/history", response_model=S.HistoryAdded, responses=AUTH_ERRORS,
               tags=["users"])
@@ -304,29 +278,3 @@ def _inference_routes(app: FastAPI, svc: Service, owner) -> None:
             raise HTTPException(503, f"generation did not finish within {svc.cfg.generate_timeout_s}s") from None
         svc.metrics.generate_latency.observe(time.perf_counter() - t0)
         return S.Generated(output=text, prediction=svc.task.parse(text), adapter_version=version)
-
-
-def _user_data_routes(app: FastAPI, svc: Service, owner) -> None:
-    """A user's data out: the encrypted export, and deletion of everything."""
-    Owner = Annotated[str, Depends(owner)]
-
-    @app.get("/v1/users/{user_id}/adapter", response_class=Response, tags=["users"],
-             responses={**AUTH_ERRORS, 200: {"content": {"application/octet-stream": {}},
-                                             "description": "the encrypted export (oppu.crypto format)"}})
-    def export(user_id: UserId, _: Owner,
-               passphrase: Annotated[str, Header(alias="X-Oppu-Passphrase", min_length=S.MIN_PASSPHRASE,
-                                                 max_length=S.MAX_PASSPHRASE,
-                                                 description="encrypts the export (scrypt + AES-256-GCM)")],
-               history: Annotated[bool, Query(description="include the history items")] = True):
-        """The active adapter (checksum-verified), its metadata and the history, encrypted."""
-        blob, version = svc.export(user_id, passphrase, history)
-        return Response(blob, media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{user_id}.v{version}.oppu"',
-                                 "X-Oppu-Adapter-Version": str(version)})
-
-    @app.delete("/v1/users/{user_id}", response_model=S.Deleted, responses=AUTH_ERRORS, tags=["users"])
-    def delete(user_id: UserId, _: Owner):
-        """Everything of the user: history, adapter versions and files, jobs, tokens, caches; the
-        db and WAL are scrubbed and the adapter leaves the serving model."""
-        svc.delete(user_id)
-        return S.Deleted(user_id=user_id, deleted=True)

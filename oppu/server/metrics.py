@@ -1,7 +1,8 @@
 """Prometheus text exposition (format 0.0.4), written by hand: request counters and histograms.
 
-Labels carry route templates ("/v1/users/{user_id}/generate"), never concrete paths, so no user
-id reaches the metrics and the series count stays bounded. Gauges (users, jobs by status, loaded
+Labels carry route templates ("/v1/users/{user_id}/generate"), never concrete paths, and a
+method outside HTTP_METHODS counts as "other", so no user id reaches the metrics and the series
+count stays bounded whatever a client sends. Gauges (users, jobs by status, loaded
 adapters) are read from the store when scraped and passed to `render`.
 
     m = Metrics()
@@ -18,6 +19,7 @@ from typing import Mapping, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 Gauges = Mapping[str, tuple[str, Sequence[tuple[Mapping[str, str], float]]]]
 
 
@@ -73,7 +75,7 @@ class Metrics:
                                     BATCH_BUCKETS)
 
     def request(self, method: str, route: str, status: int) -> None:
-        key = (method, route, str(status))
+        key = (method if method in HTTP_METHODS else "other", route, str(status))
         with self._lock:
             self._requests[key] = self._requests.get(key, 0) + 1
 

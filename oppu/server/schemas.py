@@ -2,14 +2,18 @@
 generated from these). History items are checked field by field against the task afterwards
 (oppu.lifecycle.validate_items), so errors name the item and the field.
 
-Limits: a request body of at most ServeConfig.max_body_bytes (1 MiB), MAX_ITEMS history items
-per request, MAX_INPUT_CHARS characters of generate input, k <= MAX_K retrieved items. Every
-string must be encodable as UTF-8 (JSON can carry lone surrogates; SQLite and the tokenizer
-cannot store or read them).
+Limits: a request body of at most ServeConfig.max_body_bytes (1 MiB; an import
+ServeConfig.max_import_bytes), MAX_ITEMS history items per request, MAX_INPUT_CHARS characters of
+generate input, k <= MAX_K retrieved items. Every string must be encodable as UTF-8 (JSON can
+carry lone surrogates; SQLite and the tokenizer cannot store or read them). Numbers and booleans
+are strict: `true` is not 1, "2" is not 2. A passphrase travels in the JSON body exactly as typed
+(never trimmed; the key derivation NFC-normalizes it, so composed and decomposed accents agree).
 """
+import base64
+import binascii
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from oppu.store import USER_ID_PATTERN
 
@@ -57,8 +61,40 @@ class HistoryIn(_Strict):
 class GenerateIn(_Strict):
     task: str = Field(min_length=1, max_length=MAX_TASK_CHARS, examples=["LaMP_2M"])
     input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS, description="a LaMP-style query input")
-    k: int | None = Field(default=None, ge=0, le=MAX_K, description="history items retrieved into the prompt "
-                                                                     "(default: the server's --k)")
+    k: int | None = Field(default=None, ge=0, le=MAX_K, strict=True,
+                          description="history items retrieved into the prompt (default: the server's --k)")
+
+
+Passphrase = Field(min_length=MIN_PASSPHRASE, max_length=MAX_PASSPHRASE,
+                   description="encrypts/decrypts the export (scrypt + AES-256-GCM); UTF-8 exactly as typed")
+
+
+class ExportIn(_Strict):
+    passphrase: str = Passphrase
+    history: bool = Field(default=True, strict=True, description="include the history items")
+
+
+class ImportIn(_Strict):
+    export: str = Field(min_length=1, description="the encrypted export file, base64-encoded")
+    passphrase: str = Passphrase
+    user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN,
+                                description="the new user's id (default: the id in the export)")
+
+    @field_validator("export")
+    @classmethod
+    def _base64(cls, v: str) -> str:
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be the export file in standard base64") from None
+        return v
+
+    def blob(self) -> bytes:
+        return base64.b64decode(self.export, validate=True)
+
+
+class RollbackIn(_Strict):
+    version: int = Field(ge=1, strict=True, description="an existing, intact version of the user")
 
 
 class UserCreated(BaseModel):
@@ -72,6 +108,37 @@ class UserOut(BaseModel):
     active_version: int | None
     versions: list[int]
     history_items: int
+
+
+class Imported(BaseModel):
+    user_id: str
+    token: str = Field(description="the new user's bearer token; shown once")
+    active_version: int
+    history_items: int
+
+
+class TokenOut(BaseModel):
+    user_id: str
+    token: str = Field(description="the new bearer token; shown once; the user's older tokens stop working")
+    revoked: int = Field(description="how many older tokens were revoked")
+
+
+class VersionOut(BaseModel):
+    version: int
+    created: float
+    parent_version: int | None
+    note: str
+    history_seq: int
+    peft_type: str
+    active: bool
+    intact: bool = Field(description="its files match the checksums recorded when it was written")
+    problem: str | None = Field(description="why it is not intact")
+
+
+class VersionsOut(BaseModel):
+    user_id: str
+    active_version: int | None
+    versions: list[VersionOut]
 
 
 class HistoryAdded(BaseModel):
@@ -99,7 +166,15 @@ class Generated(BaseModel):
 
 class Deleted(BaseModel):
     user_id: str
-    deleted: bool
+    deleted: bool = Field(description="true: every row, file and cache of the user is gone, for every request")
+    scrubbed: bool = Field(description="the WAL holds no old image of the deleted rows any more; false: a reader "
+                                       "is in the way, the server retries in the background (GET /scrub)")
+    scrub: int = Field(description="this delete's scrub generation: scrubbed once GET /scrub says done >= it")
+
+
+class ScrubStatus(BaseModel):
+    requested: int = Field(description="the latest scrub generation asked for (one per delete)")
+    done: int = Field(description="every generation up to this one is scrubbed")
 
 
 class Health(BaseModel):

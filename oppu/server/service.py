@@ -6,7 +6,9 @@
     svc.add_history(uid, "LaMP_2M", items)
     job = svc.start_training(uid)                  # queued; the worker trains (or updates)
     text, version = svc.submit_generate(uid, "LaMP_2M", query, k=None).result()
-    blob = svc.export(uid, "a passphrase")         # oppu.crypto, decrypt with the same passphrase
+    blob, served = svc.export(uid, "a passphrase") # oppu.crypto; the newest intact version
+    version, token = svc.import_user(blob, "a passphrase", "copy")
+    svc.rollback(uid, 1); svc.rotate_token(uid)
     svc.delete(uid); svc.close()
 
 Everything that trains, generates, builds prompts or touches adapters is the one Personalizer's
@@ -26,21 +28,30 @@ import hmac
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from oppu.config import TRAINER_BASES, UserTrainConfig
 from oppu.personalizer import Personalizer
 from oppu.server.batcher import Batcher
+from oppu.server.limits import Limits
 from oppu.server.metrics import Metrics
 from oppu.server.schemas import MAX_K
-from oppu.server.worker import TrainWorker, version_of
-from oppu.store import AdapterStore, HistoryError, Job, JobError, NoAdapter, validate_user_id
+from oppu.server.worker import TrainWorker, lower_priority, version_of
+from oppu.store import (AdapterStore, CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, Version,
+                        validate_user_id)
 from oppu.tasks import get_task
 
 log = logging.getLogger("oppu.server")
 COPY_BELOW_PARAMS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a bearer token stands for: the admin, or one user."""
+    admin: bool
+    user_id: str | None = None
 
 
 class Conflict(Exception):
@@ -64,7 +75,13 @@ class ServeConfig:
     max_train_users: int = 16           # queued jobs trained together in one batched pass
     train_wait_ms: float = 200.0        # how long the trainer gathers queued jobs into one pass
     max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
+    max_import_bytes: int = 64 << 20    # POST /v1/users/import bodies (the export, base64)
+    max_history_items: int = 20_000     # per user (413 past it; see AdapterStore.add_history)
+    max_history_bytes: int = 32 << 20   # per user, item JSON
     generate_timeout_s: float = 120.0
+    limits: dict = field(default_factory=dict)  # route class -> limits.Limit, over limits.DEFAULT_LIMITS
+    crypto_workers: int = 1             # threads for scrypt (export, import), shared by every user
+    refuse_delay_s: float = 1.0         # a 429 is sent after this idle pause (at most its Retry-After)
     shutdown_grace_s: float = 30.0      # how long a shutdown waits for a running training job
 
     def __post_init__(self) -> None:
@@ -72,6 +89,8 @@ class ServeConfig:
             raise ValueError(f"unknown trainer_base {self.trainer_base!r}; valid: {', '.join(TRAINER_BASES)}")
         if not 0 <= self.k <= MAX_K:
             raise ValueError(f"k must be in [0, {MAX_K}], got {self.k}")
+        if self.crypto_workers < 1:
+            raise ValueError(f"crypto_workers must be >= 1, got {self.crypto_workers}")
 
 
 def _digest(token: str) -> bytes:
@@ -102,6 +121,9 @@ class Service:
                                on_batch=self.metrics.batch_rows.observe)
         self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000)
         self._jobs_lock = threading.Lock()
+        self.limits = Limits(cfg.limits)
+        self.crypto = ThreadPoolExecutor(max_workers=cfg.crypto_workers, thread_name_prefix="oppu-crypto",
+                                         initializer=lower_priority)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +141,7 @@ class Service:
             log.warning("training job %s still running at shutdown; the next start marks it failed",
                         self.worker.current)
         self.batcher.close()
+        self.crypto.shutdown(wait=False, cancel_futures=True)
         return stopped
 
     # -- auth ----------------------------------------------------------------------------------
@@ -128,6 +151,17 @@ class Service:
     def user_for_token(self, token: str) -> str | None:
         return self.store.tokens.user_for(token)
 
+    def authenticate(self, token: str) -> Caller | None:
+        """The caller a bearer token stands for: the admin, a user, or None (unknown/revoked)."""
+        if self.is_admin(token):
+            return Caller(admin=True)
+        uid = self.user_for_token(token)
+        return None if uid is None else Caller(admin=False, user_id=uid)
+
+    def rotate_token(self, uid: str) -> tuple[str, int]:
+        """(a new token for the user, how many older ones stopped working)."""
+        return self.store.tokens.rotate(validate_user_id(uid))
+
     # -- users and history ---------------------------------------------------------------------
     def create_user(self) -> tuple[str, str]:
         uid = self.store.new_user(self.task.id)
@@ -135,18 +169,48 @@ class Service:
 
     def add_history(self, uid: str, task: str, items: list[dict[str, Any]]) -> list[int]:
         self._check_task(task)
-        return self.p.add_history(validate_user_id(uid), task, items)
+        return self.p.add_history(validate_user_id(uid), task, items, max_items=self.cfg.max_history_items,
+                                  max_bytes=self.cfg.max_history_bytes)
 
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)
         self.store.user(uid)  # UnknownUser before anything else happens
-        return self.p.delete_user(uid)
+        out = self.p.delete_user(uid)  # one transaction: gone for every request at once; scrub in the background
+        self.worker.cancel_user(uid)  # the running job, its module and data leave the trainer at its next step
+        self.limits.forget(uid)
+        return out
 
-    def export(self, uid: str, passphrase: str, include_history: bool = True) -> tuple[bytes, int]:
-        info = self.store.user(validate_user_id(uid))
-        if info.active_version is None:
-            raise NoAdapter(f"user {uid!r} has no adapter to export; train one first")
-        return self.p.export_user(uid, passphrase, include_history), info.active_version
+    def export(self, uid: str, passphrase: str, include_history: bool = True) -> tuple[bytes, Served]:
+        """The encrypted export of the newest intact version; `Served.skipped`: corrupt newer ones."""
+        return self.p.export_served(validate_user_id(uid), passphrase, include_history)
+
+    def import_user(self, blob: bytes, passphrase: str, user_id: str | None = None) -> tuple[Version, str]:
+        """A new user from an export (checked, loaded onto this base first) and a token for them."""
+        v = self.p.import_user(blob, passphrase, user_id)
+        return v, self.store.tokens.issue(v.user_id)
+
+    # -- versions ------------------------------------------------------------------------------
+    def versions(self, uid: str) -> list[tuple[Version, str | None]]:
+        """Every version of the user with None when its files verify, else why they do not."""
+        out = []
+        for v in self.store.versions(validate_user_id(uid)):
+            try:
+                self.store.verify(uid, v.version)
+                out.append((v, None))
+            except CorruptAdapterError as e:
+                out.append((v, f"file {e.file!r} {e.reason}"))
+        return out
+
+    def rollback(self, uid: str, version: int) -> Version:
+        """Make an existing, intact version active (the next generate serves it). Conflict while a
+        job of the user is unfinished: its new version would replace the rollback at once."""
+        uid = validate_user_id(uid)
+        with self._jobs_lock:
+            busy = [j for j in self.store.jobs.of_user(uid) if j.status in ("queued", "running")]
+            if busy:
+                raise Conflict(f"user {uid!r} has job {busy[-1].job_id!r} {busy[-1].status}; roll back after it "
+                               "finishes (its version becomes active when it does)")
+            return self.p.rollback(uid, version)
 
     def _check_task(self, task: str) -> None:
         try:

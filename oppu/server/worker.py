@@ -1,24 +1,26 @@
-"""The training worker: one background thread runs queued train/update jobs, many users per pass.
+"""The training worker: one background thread runs queued train/update jobs, many users at once.
 
 A job is a row of the store's jobs table (queued -> running -> done | failed). The worker takes
-the first waiting job and every other one arriving within `max_wait_s` (up to `max_jobs`, one per
-user) and runs them as one batched pass
-of the engine's trainer (`Personalizer.run_jobs`): a user's first adapter from the seeded start,
-an update from the active version on the new items plus a replay sample. Each job's row moves
-and its version is published atomically as soon as that user finishes. The version a job made carries the note "<kind> via job <id>", so `version_of`
-finds it after a restart too. A job of a user deleted meanwhile fails harmlessly: its rows are
-gone and the store refuses to publish for an unknown user.
+the first waiting job and every other one arriving within `max_wait_s` (one per user) and starts
+a training session (oppu.train_session): one batched run of the engine's trainer in which every
+user gets a mini-batch per step. While it runs, newly queued jobs join it (when the trainer has
+its own copy of the base; with a shared base a session takes only the jobs it started with, so
+generation is not held up longer), so a small job never waits for a big one to finish: it
+trains beside it and is published as soon as it is done. A user's first adapter starts from
+the seeded start, an update from the active version on the new items plus a replay sample. The
+version a job made carries the note "<kind> via job <id>", so `version_of` finds it after a
+restart too. `cancel_user` (a delete) drops the user's running job, module and data at the
+next step; a queued job of a deleted user fails harmlessly when its turn comes.
 
     w = TrainWorker(personalizer, replay=0.5); w.start()
     w.submit(job)                      # a queued store Job
+    w.cancel_user(uid)                 # True once no session holds the user
     w.close()
-
-Whether training runs beside serving (its own copy of the base) or pauses it (the serving base,
-its adapters detached for the pass) is the Personalizer's `train_model` choice.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,6 +28,7 @@ from typing import Callable
 
 from oppu.personalizer import Personalizer
 from oppu.store import AdapterStore, Job, JobError, StoreError
+from oppu.train_session import TrainSession
 
 log = logging.getLogger("oppu.server")
 
@@ -45,15 +48,29 @@ def version_of(store: AdapterStore, job: Job) -> int | None:
     return next((v.version for v in versions if v.note == job_note(job.kind, job.job_id)), None)
 
 
+def lower_priority(step: int = 10) -> None:
+    """Make the calling thread nicer by `step` (Linux: per thread), so background work (training,
+    scrypt) yields the CPU to request handling when cores are short. A no-op where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):
+        pass
+
+
 class TrainWorker:
     def __init__(self, personalizer: Personalizer, replay: float = 0.5, max_jobs: int = 16, max_wait_s: float = 0.2,
                  on_finish: Callable[[Job, BaseException | None], None] = lambda job, err: None):
         self.p, self.replay, self.max_jobs, self.on_finish = personalizer, replay, max_jobs, on_finish
-        self.max_wait_s = max_wait_s  # after the first job, how long to gather others into its pass
+        self.max_wait_s = max_wait_s  # after the first job, how long to gather others into its session
+        self.join_running = personalizer.train_model is not personalizer.model
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="oppu-trainer", daemon=True)
         self._closing = threading.Event()
-        self.current: list[str] = []   # job ids of the pass in progress
+        self._lock = threading.Lock()
+        self._cancels: dict[str, threading.Event] = {}
+        self._jobs: dict[str, tuple[Job, float]] = {}   # job id -> (job, when it started) in the session
+        self.current: list[str] = []   # job ids of the session in progress
 
     def start(self) -> None:
         self._thread.start()
@@ -62,8 +79,8 @@ class TrainWorker:
         self._q.put(job)
 
     def close(self, timeout: float = 0.0) -> bool:
-        """Start no further pass; wait up to `timeout` s for the running one. Jobs left queued or
-        running are marked failed by the next start. True when the thread has stopped."""
+        """Start no further session, admit no more jobs; wait up to `timeout` s for the running ones.
+        Jobs left queued or running are marked failed by the next start. True when the thread stopped."""
         self._closing.set()
         self._q.put(None)
         if self._thread.is_alive():
@@ -73,9 +90,19 @@ class TrainWorker:
     def pending(self) -> int:
         return self._q.qsize()
 
+    def cancel_user(self, user_id: str, timeout: float = 5.0) -> bool:
+        """Drop the user's running job (module and data) at the session's next step. True once no
+        session holds the user (at once when none does), False when `timeout` s passed first."""
+        ev = threading.Event()
+        with self._lock:
+            if not any(job.user_id == user_id for job, _ in self._jobs.values()):
+                return True
+            self._cancels[user_id] = ev
+        return ev.wait(timeout)
+
     def _take(self) -> list[Job] | None:
-        """The next pass: the first waiting job, plus every other one arriving within max_wait_s (one
-        per user, at most max_jobs)."""
+        """A new session's jobs: the first waiting job, plus every other one arriving within
+        max_wait_s (one per user, at most max_jobs)."""
         first = self._q.get()
         if first is None or self._closing.is_set():
             return None
@@ -91,34 +118,83 @@ class TrainWorker:
                 break
             (later if j.user_id in users else jobs).append(j)
             users.add(j.user_id)
-        for j in later:  # a user's second job waits for the next pass
+        for j in later:  # a user's second job waits for the next session
             self._q.put(j)
         return jobs
 
+    def _drain(self) -> list[Job]:
+        """Jobs queued meanwhile (without waiting); none once closing."""
+        out: list[Job] = []
+        while not self._closing.is_set():
+            try:
+                j = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if j is None:
+                self._q.put(None)
+                break
+            out.append(j)
+        return out
+
     def _run(self) -> None:
+        lower_priority()
         while True:
             jobs = self._take()
             if jobs is None:
                 return
-            self.current = [j.job_id for j in jobs]
-            t0 = time.monotonic()
+            deferred: list[Job] = []
             try:
-                results = self.p.run_jobs(jobs, self.replay, {j.job_id: job_note(j.kind, j.job_id) for j in jobs})
+                self._session(jobs, deferred)
             except BaseException as e:  # the job rows say why; the worker goes on
-                results = {j.job_id: e for j in jobs}
-                for j in jobs:
+                for j in jobs + [job for job, _ in self._jobs.values()]:
                     self._fail(j, e)
             finally:
+                with self._lock:
+                    self._jobs.clear()
+                    for ev in self._cancels.values():
+                        ev.set()
+                    self._cancels.clear()
                 self.current = []
-            for j in jobs:
-                err = results.get(j.job_id)
-                err = err if isinstance(err, BaseException) else None
-                log.info("job %s (%s, user %s) %s in %.1fs (a pass of %d)%s", j.job_id, j.kind, j.user_id,
-                         "failed" if err else "done", time.monotonic() - t0, len(jobs), f": {err}" if err else "")
-                self.on_finish(j, err)
+            for j in deferred:  # other shapes, or a user's second job: the next session
+                self._q.put(j)
+
+    def _session(self, jobs: list[Job], deferred: list[Job]) -> None:
+        with TrainSession(self.p, self.replay, on_result=self._ended) as s:
+            self._admit(s, jobs, deferred)
+            while s.busy:
+                with self._lock:
+                    cancels, self._cancels = self._cancels, {}
+                for uid, ev in cancels.items():
+                    s.cancel(uid)
+                    ev.set()
+                if self.join_running:
+                    self._admit(s, self._drain(), deferred)
+                self.current = s.job_ids()
+                if s.busy:
+                    s.step()
+
+    def _admit(self, s: TrainSession, jobs: list[Job], deferred: list[Job]) -> None:
+        for j in jobs:
+            s.notes[j.job_id] = job_note(j.kind, j.job_id)
+            with self._lock:
+                self._jobs[j.job_id] = (j, time.monotonic())
+            if not s.admit(j):
+                with self._lock:
+                    self._jobs.pop(j.job_id, None)
+                deferred.append(j)
+
+    def _ended(self, job_id: str, result) -> None:
+        with self._lock:
+            job, t0 = self._jobs.pop(job_id, (None, time.monotonic()))
+        if job is None:
+            return
+        err = result if isinstance(result, BaseException) else None
+        log.info("job %s (%s, user %s) %s in %.1fs%s", job_id, job.kind, job.user_id, "failed" if err else "done",
+                 time.monotonic() - t0, f": {err}" if err else "")
+        self.on_finish(job, err)
 
     def _fail(self, job: Job, e: BaseException) -> None:
-        """run_jobs marks its own failures; this covers errors outside it."""
+        """The session marks its own failures; this covers errors outside it."""
         try:
             if self.p.store.jobs.get(job.job_id).status in ("queued", "running"):
                 self.p.store.jobs.set(job.job_id, "failed", error=f"{type(e).__name__}: {e}")

@@ -5,17 +5,18 @@
 
 Files: store.py (AdapterStore: users, history, versions, delete, crash recovery), db.py (schema,
 connections, transactions, scrubbing), files.py (user dir names, temp dirs, fsync, checksums),
-jobs.py (jobs and access tokens), bundle.py (the JSON export payload), errors.py.
+jobs.py (jobs and access tokens), bundle.py (the JSON export payload), scrub.py (the WAL scrub after
+deletes, retried in the background), errors.py.
 """
 from oppu.store.bundle import Bundle, BundleError
-from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, StoreError,
-                               UnknownUser, UnknownVersion, UserExists)
+from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, JobError, NoAdapter, QuotaExceeded,
+                               StoreError, UnknownUser, UnknownVersion, UserExists)
 from oppu.store.files import ADAPTER_FILES, safe_user_dir
 from oppu.store.jobs import Job
 from oppu.store.store import (USER_ID_PATTERN, AdapterStore, HistoryItem, Served, UserInfo, Version,
                               validate_user_id)
 
 __all__ = ["ADAPTER_FILES", "USER_ID_PATTERN", "AdapterStore", "Bundle", "BundleError", "CorruptAdapterError",
-           "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "Served",
+           "HistoryError", "HistoryItem", "InvalidUserId", "Job", "JobError", "NoAdapter", "QuotaExceeded", "Served",
            "StoreError", "UnknownUser", "UnknownVersion", "UserExists", "UserInfo", "Version",
            "safe_user_dir", "validate_user_id"]

@@ -3,22 +3,26 @@
 WAL mode lets any number of readers run beside one writer. Every thread gets its own
 connection; writes take a process-wide lock plus SQLite's own write lock (`BEGIN IMMEDIATE`,
 which also serialises writers in other processes). `secure_delete` is on for every
-connection, so deleted rows are overwritten with zeros, and `scrub()` (VACUUM + a truncating
-WAL checkpoint) makes sure no old page image of deleted data survives in the db or WAL file.
+connection, so deleted rows (and freed pages) are overwritten with zeros in the db file, and
+`checkpoint_now()` (a truncating WAL checkpoint that never waits) removes the WAL's old page
+images; the store retries it in the background until it succeeds (oppu.store.scrub).
+The db file is created 0600 before SQLite opens it (SQLite gives the WAL and shm files its mode).
 
     db = Database(root / "store.db")
     with db.write() as c:
         c.execute("INSERT INTO users(user_id, created) VALUES (?, ?)", ("u1", time.time()))
     rows = db.conn().execute("SELECT * FROM users").fetchall()
+    db.checkpoint_now()                              # True: the WAL is empty
 """
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from oppu.store.files import private_file
 
 SCHEMA_VERSION = 1
 JOB_STATUSES = ("queued", "running", "done", "failed")
@@ -54,6 +58,11 @@ CREATE TABLE IF NOT EXISTS adapter_versions(
     meta TEXT NOT NULL DEFAULT '{{}}',
     PRIMARY KEY(user_id, version)
 );
+CREATE TABLE IF NOT EXISTS history_totals(   -- per user: what quotas check, without reading the items
+    user_id TEXT PRIMARY KEY REFERENCES users(user_id) ON DELETE CASCADE,
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs(
     job_id TEXT PRIMARY KEY,
     user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
@@ -71,12 +80,15 @@ CREATE TABLE IF NOT EXISTS tokens(
 );
 CREATE INDEX IF NOT EXISTS tokens_user ON tokens(user_id);
 """
-USER_TABLES = ("history_items", "adapter_versions", "jobs", "tokens", "users")  # delete order
+USER_TABLES = ("history_items", "history_totals", "adapter_versions", "jobs", "tokens", "users")  # delete order
 
 
 class Database:
     def __init__(self, path: str | Path, timeout_s: float = 30.0):
         self.path = Path(path)
+        for p in (self.path, *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm"))):
+            if p is self.path or p.exists():  # SQLite gives the WAL and shm files the db file's mode
+                private_file(p)
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -123,18 +135,19 @@ class Database:
                 c.execute("ROLLBACK")
                 raise
 
-    def scrub(self, attempts: int = 20) -> bool:
-        """Rewrite the db without free pages and empty the WAL, so deleted rows leave no trace in
-        either file. False when readers kept the WAL from being truncated (retry later)."""
-        with self._write_lock:
-            c = self.conn()
-            c.execute("VACUUM")
-            for _ in range(attempts):
-                busy, _, _ = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if not busy:
-                    return True
-                time.sleep(0.05)
+    def checkpoint_now(self) -> bool:
+        """Copy the WAL into the db and truncate it, without waiting: False at once when a reader
+        (or a writer) is in the way (retry later). Run on its own connection with no busy timeout,
+        so it never holds the write lock nor keeps other writers waiting."""
+        c = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            c.execute("PRAGMA busy_timeout=0")
+            busy, _, _ = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return not busy
+        except sqlite3.OperationalError:  # "database is locked": a writer holds it right now
             return False
+        finally:
+            c.close()
 
     def close(self) -> None:
         with self._conns_lock:

@@ -1,7 +1,7 @@
 """Errors of the adapter store; each message names the bad value (user, version, file, item).
 
 A server maps them to status codes: InvalidUserId/HistoryError -> 400/422, UnknownUser/
-UnknownVersion/NoAdapter -> 404, UserExists -> 409, CorruptAdapterError -> 500.
+UnknownVersion/NoAdapter -> 404, UserExists -> 409, QuotaExceeded -> 413, CorruptAdapterError -> 409.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class NoAdapter(StoreError, LookupError):
 
 class HistoryError(StoreError, ValueError):
     """A history item that cannot be stored: wrong shape, missing field, duplicate id, wrong task."""
+
+
+class QuotaExceeded(HistoryError):
+    """Storing the items would take the user past a history quota (items or bytes)."""
 
 
 class JobError(StoreError, ValueError):

@@ -6,6 +6,9 @@ rename is atomic), every file is fsynced and hashed, and only then renamed into
 `root/adapters/<user dir>/v<N>`. Temp dirs of dead processes (and of this process, when no
 write owns them) are removed when a store opens.
 
+Everything the store creates is private to the account running it: folders 0700, files 0600
+(`private_dir`, `seal`), whatever the umask.
+
 Only the standard PEFT files are accepted: adapter_config.json + adapter_model.safetensors.
 PEFT's auto-written README.md model card is dropped; anything else (a pickled
 adapter_model.bin, a subfolder) is refused, so nothing that could be unpickled is ever stored.
@@ -17,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -57,10 +61,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """mkdir -p with every folder it creates (and `path` itself) readable by the owner only. An
+    existing `path` is made 0700 only when this account owns it and it is not a shared sticky
+    folder such as /tmp (whatever the store puts inside it is private either way)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=DIR_MODE, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX:
+        os.chmod(path, DIR_MODE)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 if missing, and make it 0600 if it exists."""
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, FILE_MODE))
+    os.chmod(path, FILE_MODE)
+
+
 def new_temp_dir(tmp_root: Path) -> Path:
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    private_dir(tmp_root)
     d = tmp_root / f"{os.getpid()}.{secrets.token_hex(8)}"
-    d.mkdir()
+    d.mkdir(mode=DIR_MODE)
     with _ACTIVE_LOCK:
         _ACTIVE.add(str(d))
     return d
@@ -120,9 +146,11 @@ def seal(d: Path) -> dict[str, str]:
         p = d / name
         if p.is_symlink() or not p.is_file():
             raise ValueError(f"adapter file {p} is not a regular file")
+        os.chmod(p, FILE_MODE)
         with open(p, "rb") as f:
             os.fsync(f.fileno())
         sums[name] = sha256_file(p)
+    os.chmod(d, DIR_MODE)
     fsync_dir(d)
     return sums
 

@@ -120,6 +120,13 @@ class Tokens:
         row = self.db.conn().execute("SELECT token_hash, user_id FROM tokens WHERE token_hash=?", (h,)).fetchone()
         return row["user_id"] if row is not None and hmac.compare_digest(row["token_hash"], h) else None
 
+    def rotate(self, user_id: str) -> tuple[str, int]:
+        """(a new token, how many older ones were revoked), in one transaction: the old tokens stop
+        working exactly when the new one starts."""
+        with self.db.write():
+            revoked = self.revoke(user_id)
+            return self.issue(user_id), revoked
+
     def revoke(self, user_id: str) -> int:
         user_id = self._require_user(user_id)
         with self.db.write() as c:

@@ -5,6 +5,9 @@
     root/cache/<user dir>/                      derived per-user data (retrieval index, profile)
     root/tmp/<pid>.<random>/                    versions being written (never visible)
 
+Folders are created 0700 and files 0600 (the root too, when a store opens): nothing in a store
+is readable by another local account.
+
 A version becomes visible only when its DB row commits, and the row commits only after its
 files were fsynced, hashed and renamed into place (see `put_version`): a crash at any point
 leaves either no version or a complete one. Leftovers (temp dirs, version dirs without a row,
@@ -28,11 +31,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from oppu.store.db import USER_TABLES, Database
-from oppu.store.errors import (CorruptAdapterError, HistoryError, NoAdapter, StoreError, UnknownUser,
-                               UnknownVersion, UserExists, InvalidUserId)
+from oppu.store.errors import (CorruptAdapterError, HistoryError, InvalidUserId, NoAdapter, QuotaExceeded, StoreError,
+                               UnknownUser, UnknownVersion, UserExists)
 from oppu.store.files import (ADAPTER_FILES, check_file, clean_temp_dirs, fsync_dir, new_temp_dir,
-                              read_checked, release_temp_dir, safe_user_dir, seal, write_files)
+                              private_dir, read_checked, release_temp_dir, safe_user_dir, seal, write_files)
 from oppu.store.jobs import Jobs, Tokens
+from oppu.store.scrub import Scrubber
 from oppu.store.records import HistoryItem, Served, UserInfo, Version, version_from_row
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -55,15 +59,17 @@ def _remove(p: Path) -> None:
 
 class AdapterStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root).resolve())  # 0700: history and adapters are the user's
         self._adapters = self.root / "adapters"
         self._cache = self.root / "cache"
         self._tmp = self.root / "tmp"
         self.db = Database(self.root / "store.db")
         self.jobs = Jobs(self.db, self._require_user)
         self.tokens = Tokens(self.db, self._require_user)
+        self.scrubber = Scrubber(self.db)
         self.recovered = self._recover()
+        if self.scrubber.pending():  # a scrub an earlier process could not finish
+            self.scrubber.kick(self.scrubber.status()["requested"])
 
     # -- users ---------------------------------------------------------------------------------
     def new_user(self, task: str | None = None) -> str:
@@ -113,26 +119,27 @@ class AdapterStore:
     def cache_dir(self, user_id: str) -> Path:
         """A folder for derived per-user data (retrieval index, profile); delete_user removes it."""
         d = self._inside(self._cache / safe_user_dir(self._require_user(user_id)), self._cache)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return private_dir(d)
 
     def delete_user(self, user_id: str) -> dict[str, Any]:
-        """Remove every row, file and cache of the user, then scrub the db and WAL files."""
+        """Remove every row, file and cache of the user at once (one transaction: the user is gone
+        for every request), then scrub the WAL: at once when no reader is in the way, else in the
+        background (oppu.store.scrub). "scrubbed": whether it is done; "scrub": its generation."""
         user_id = self._require_user(user_id)
         with self.db.write() as c:
             rows = {t: c.execute(f"DELETE FROM {t} WHERE user_id=?", (user_id,)).rowcount for t in USER_TABLES}
+            generation = self.scrubber.requested_in(c)
         # Files after the rows: a crash in between leaves invisible files that the next open removes.
         for d in (self.user_dir(user_id), self._inside(self._cache / safe_user_dir(user_id), self._cache)):
             shutil.rmtree(d, ignore_errors=True)
-        return {"user_id": user_id, "rows": rows, "scrubbed": self.scrub()}
-
-    def scrub(self) -> bool:
-        """VACUUM + truncate the WAL (see Database.scrub); False: readers held the WAL, retry later."""
-        return self.db.scrub()
+        return {"user_id": user_id, "rows": rows, "scrubbed": self.scrubber.kick(generation), "scrub": generation}
 
     # -- history -------------------------------------------------------------------------------
-    def add_history(self, user_id: str, task: str, items: Iterable[dict[str, Any]]) -> list[int]:
-        """Append items (each a dict with a unique "id"); all or nothing. Returns their seqs."""
+    def add_history(self, user_id: str, task: str, items: Iterable[dict[str, Any]], *, max_items: int | None = None,
+                    max_bytes: int | None = None) -> list[int]:
+        """Append items (each a dict with a unique "id"); all or nothing. Returns their seqs.
+        QuotaExceeded when the user would then hold more than max_items items or max_bytes bytes
+        of item JSON (checked against per-user totals: nothing is read)."""
         user_id = validate_user_id(user_id)
         items = list(items)
         seen: set[str] = set()
@@ -153,10 +160,27 @@ class AdapterStore:
             last = c.execute("SELECT COALESCE(MAX(seq), 0) FROM history_items WHERE user_id=?",
                              (user_id,)).fetchone()[0]
             seqs = list(range(last + 1, last + 1 + len(items)))
+            docs = [json.dumps({**it, "id": str(it["id"])}, ensure_ascii=False) for it in items]
+            self._charge(c, user_id, len(docs), sum(len(d.encode("utf-8")) for d in docs), max_items, max_bytes)
             c.executemany("INSERT INTO history_items(user_id, task, item_id, json, seq) VALUES (?, ?, ?, ?, ?)",
-                          [(user_id, task, str(it["id"]), json.dumps({**it, "id": str(it["id"])}, ensure_ascii=False),
-                            s) for it, s in zip(items, seqs)])
+                          [(user_id, task, str(it["id"]), d, s) for it, d, s in zip(items, docs, seqs)])
         return seqs
+
+    def _charge(self, c, user_id: str, n: int, size: int, max_items: int | None, max_bytes: int | None) -> None:
+        """Add n items of `size` bytes to the user's totals, or QuotaExceeded naming the limit."""
+        row = c.execute("SELECT items, bytes FROM history_totals WHERE user_id=?", (user_id,)).fetchone()
+        if row is None:  # a store from before the totals: counted once
+            row = c.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(json AS BLOB))), 0) FROM history_items "
+                            "WHERE user_id=?", (user_id,)).fetchone()
+        items, size_now = row[0] + n, row[1] + size
+        if max_items is not None and items > max_items:
+            raise QuotaExceeded(f"user {user_id!r}: {n} more item(s) would make {items} history items, over the "
+                                f"limit of {max_items} (max_history_items)")
+        if max_bytes is not None and size_now > max_bytes:
+            raise QuotaExceeded(f"user {user_id!r}: {n} more item(s) would make {size_now} bytes of history, over "
+                                f"the limit of {max_bytes} (max_history_bytes)")
+        c.execute("INSERT INTO history_totals(user_id, items, bytes) VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE "
+                  "SET items=excluded.items, bytes=excluded.bytes", (user_id, items, size_now))
 
     def history(self, user_id: str, after_seq: int = 0) -> list[HistoryItem]:
         """The user's items in insertion order, those with seq > after_seq."""
@@ -164,6 +188,11 @@ class AdapterStore:
         rows = self.db.conn().execute("SELECT seq, item_id, json FROM history_items WHERE user_id=? AND seq>? "
                                       "ORDER BY seq", (user_id, after_seq))
         return [HistoryItem(r["seq"], r["item_id"], json.loads(r["json"])) for r in rows]
+
+    def count_history(self, user_id: str) -> int:
+        """How many items the user has (one SQL count; nothing is read)."""
+        self._require_user(user_id)
+        return self.db.conn().execute("SELECT COUNT(*) FROM history_items WHERE user_id=?", (user_id,)).fetchone()[0]
 
     def _bind_task(self, c, user_id: str, task: str) -> None:
         row = c.execute("SELECT task FROM users WHERE user_id=?", (user_id,)).fetchone()
@@ -213,7 +242,7 @@ class AdapterStore:
                 final = self._inside(self.root / rel, self._adapters)
                 if final.exists():  # left by a crash after the rename (no row): not a version
                     shutil.rmtree(final)
-                final.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(final.parent)
                 os.rename(tmp, final)
                 renamed = True
                 fsync_dir(final.parent)
@@ -316,9 +345,10 @@ class AdapterStore:
                 if c.execute("SELECT 1 FROM users WHERE user_id=?", (user_id,)).fetchone():
                     raise UserExists(f"user {user_id!r} already exists")
                 c.execute("INSERT INTO users(user_id, created, task) VALUES (?, ?, ?)", (user_id, time.time(), task))
+                docs = [json.dumps(it, ensure_ascii=False) for _, it in history]
                 c.executemany("INSERT INTO history_items(user_id, task, item_id, json, seq) VALUES (?, ?, ?, ?, ?)",
-                              [(user_id, task, str(it["id"]), json.dumps(it, ensure_ascii=False), seq)
-                               for seq, it in history])
+                              [(user_id, task, str(it["id"]), d, seq) for (seq, it), d in zip(history, docs)])
+                self._charge(c, user_id, len(docs), sum(len(d.encode("utf-8")) for d in docs), None, None)
             return self._publish(user_id, tmp, sums, {**fields, "task": task}, True, before=create)
         finally:
             release_temp_dir(tmp)
@@ -351,6 +381,7 @@ class AdapterStore:
         return out
 
     def close(self) -> None:
+        self.scrubber.close()
         self.db.close()
 
     def __enter__(self) -> "AdapterStore":
