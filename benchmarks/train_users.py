@@ -23,13 +23,18 @@ achieved FLOP/s and MFU, machine details.
 FLOPs: the base is frozen, so training does a forward (2·N FLOPs per token) and the gradients of
 the activations (another 2·N), but no weight gradients (the 2·N a full fine-tune adds):
 
-    flops_per_s = 4 * N * tokens / wall      mfu    = flops_per_s / peak
-    flops_per_s_6n = 6 * N * tokens / wall   mfu_6n = flops_per_s_6n / peak   (the usual full-training count)
+    mfu = mfu_needed = needed / wall / peak, needed = epochs * (4 * N_top * T + 4 * N_head * targets)
+                                                      + (1 if reused else epochs) * 2 * N_below * T
+    mfu_4n = 4 * N * tokens / wall / peak      mfu_6n = 6 * N * tokens / wall / peak (the usual count)
+
+N_top: nn.Linear params of the adapted layers (all decoder layers without --top-layers), N_below:
+those of the frozen layers below them (forward only; once per example when the engine reuses
+their hidden states, engine/prefix.py), N_head: the lm_head, which the engine runs at target
+positions only.
 
 N = params of every nn.Linear incl. lm_head, tokens = every non-pad training token over all
-epochs, peak = the best fp32 [n, n] @ [n, n] matmul FLOP/s measured in the same run. `mfu_4n`
-repeats `mfu` (its name before `mfu` became the 4N figure). Attention-score FLOPs and the adapters'
-own (rank 8) FLOPs are left out of both; the batched arm also skips the lm_head on non-target positions.
+epochs, peak = the best fp32 [n, n] @ [n, n] matmul FLOP/s measured in the same run. Attention-score
+FLOPs and the adapters' own (rank 8) FLOPs are left out of all three.
 
     python benchmarks/train_users.py                       # 64 users, tiny base, defaults below
     python benchmarks/train_users.py --users 4 --preset micro --epochs 1   # seconds
@@ -161,17 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
     final_b = mean([v[-1] for v in batched.values()])
     final_s = mean([v[-1] for v in seq.values()]) if seq else float("nan")
     f6, f4 = 6 * n_mm * tokens, 4 * n_mm * tokens
-    f_need = needed_flops(model, tok, examples, args, n_layers)
+    f_need, counts = needed_flops(model, tok, examples, args, n_layers)
 
     def arm(t: float) -> dict:
         if not t:
             return {}
-        mfu = round(f4 / t / peak, 4)
         return {"wall_s": round(t, 2), "users_per_hour": round(len(examples) / t * 3600, 1),
                 "seconds_per_user": round(t / len(examples), 2), "tokens_per_s": round(tokens / t, 1),
-                "flops_per_s": round(f4 / t), "mfu": mfu, "mfu_4n": mfu,
-                "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4),
-                "mfu_needed": round(f_need / t / peak, 4)}
+                "mfu": round(f_need / t / peak, 4), "mfu_needed": round(f_need / t / peak, 4),
+                "flops_per_s": round(f4 / t), "mfu_4n": round(f4 / t / peak, 4),
+                "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4)}
     result = {
         "benchmark": "train_users", "users": len(examples), "peft": args.peft, "preset": args.preset,
         "baseline": args.baseline, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -183,9 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_vs_sequential_peft_cpu": round(cpu["s"] / cpu["b"], 3) if seq else None,
         "final_loss_rel_diff": round(abs(final_b - final_s) / abs(final_s), 6) if seq else None,
         "base": args.base, "target_modules": targets, "top_layers": args.top_layers, "threads": torch.get_num_threads(),
-        "needed_flops": round(f_need),
+        "needed_flops": round(f_need), **counts,
         "peak_matmul_flops": round(peak),
-        "flops_formula": "4*N*tokens (flops_per_s, mfu = mfu_4n: forward + input gradients of a frozen base), "
+        "flops_formula": "mfu = mfu_needed (below); 4*N*tokens (flops_per_s, mfu_4n: forward + input gradients of "
+                         "a frozen base at every position), "
                          "6*N*tokens (flops_per_s_6n, mfu_6n: with weight gradients); N=nn.Linear params; "
                          "mfu_needed: what this training needs at the least: per epoch 4*N_top*T + 4*N_head*targets, "
                          "plus 2*N_below*T once (frozen layers below the lowest adapted one, reused after epoch 1) "
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def needed_flops(model, tok, examples: dict, args, n_layers: int | None) -> float:
+def needed_flops(model, tok, examples: dict, args, n_layers: int | None) -> tuple[float, dict]:
     """FLOPs this training needs at the least (see flops_formula): frozen layers below the lowest
     adapted one run forward once per example when the engine reuses them (2+ epochs), the adapted
     layers forward + input gradients every epoch, the lm_head only at target positions."""
@@ -218,7 +223,9 @@ def needed_flops(model, tok, examples: dict, args, n_layers: int | None) -> floa
     t = sum(len(e.ids) for e in enc)
     targets = sum(len(e.ids) - e.n_prompt for e in enc)
     reuse = FrozenPrefix.for_trainer(model.base_model, [f"layers.{lo}."] if lo else [], args.epochs, t) is not None
-    return args.epochs * (4 * top * t + 4 * head * targets) + (1 if reuse else args.epochs) * 2 * below * t
+    need = args.epochs * (4 * top * t + 4 * head * targets) + (1 if reuse else args.epochs) * 2 * below * t
+    return need, {"params_below": below, "params_adapted_layers": top, "head_params": head,
+                  "target_tokens_per_epoch": targets, "prefix_reused": reuse}
 
 
 if __name__ == "__main__":

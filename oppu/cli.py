@@ -190,6 +190,8 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
                                                                     "chunk, bounds memory (batched|local|ray; default 1024)"),
         max_history_items: Optional[int] = typer.Option(None, help="per-user training on the N most recent history "
                                                                    "items (0 = all; recorded in run.json)"),
+        top_layers: Optional[int] = typer.Option(None, help="per-user LoRA/IA3 on the last N decoder layers only "
+                                                            "(0 = all; needs explicit target modules)"),
         config: Optional[Path] = typer.Option(None, help="YAML config; flags override it"),
         strict: bool = typer.Option(True, "--strict/--lenient", help="lenient: skip bad records, counted")):
     """Run OPPU and its baselines on one task; writes predictions, metrics, report and adapters."""
@@ -198,7 +200,7 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
              strict=strict, executor=executor, workers=workers, ray_address=ray_address,
              max_users_per_batch=max_users_per_batch, tokens_per_forward=tokens_per_forward,
              max_history_items=max_history_items, **{"base_train.epochs": base_epochs, "user_train.epochs": user_epochs,
-                               "user_train.lr": user_lr})
+                               "user_train.lr": user_lr, "user_train.top_layers": top_layers})
 
 
 @app.command()

@@ -75,13 +75,23 @@ def test_train_users(runs, name, baseline):
         # recomputed from the run's raw figures: users, tokens, wall time, the measured matmul peak
         rel = 0.01 + 0.006 / r["wall_s"]  # wall_s is printed to 0.01 s
         assert r["users_per_hour"] == pytest.approx(res["users"] * 3600 / r["wall_s"], rel=rel)
-        assert r["mfu"] == pytest.approx(4 * res["matmul_params"] * res["train_tokens"] / r["wall_s"]
-                                         / res["peak_matmul_flops"], rel=rel, abs=2e-4)
-        # mfu counts 4N FLOPs per token (frozen base: forward + input gradients), mfu_6n the usual 6N
+        assert r["mfu_4n"] == pytest.approx(4 * res["matmul_params"] * res["train_tokens"] / r["wall_s"]
+                                            / res["peak_matmul_flops"], rel=rel, abs=2e-4)
+        # mfu counts what a frozen base needs (forward + input gradients; the lm_head at targets only),
+        # mfu_4n the same at every position, mfu_6n the usual 6N
         assert r["flops_per_s_6n"] == pytest.approx(1.5 * r["flops_per_s"], rel=1e-6)
-        assert abs(r["mfu"] - r["mfu_6n"] * 2 / 3) <= 1e-4 and r["mfu_4n"] == r["mfu"]
+        assert abs(r["mfu_4n"] - r["mfu_6n"] * 2 / 3) <= 1e-4
+        tokens_per_epoch = res["train_tokens"] / res["epochs"]
+        need = res["epochs"] * (4 * res["params_adapted_layers"] * tokens_per_epoch
+                                + 4 * res["head_params"] * res["target_tokens_per_epoch"])
+        assert res["params_below"] == 0 and not res["prefix_reused"]   # every layer adapted
+        assert res["params_adapted_layers"] + res["head_params"] == res["matmul_params"]
+        assert res["needed_flops"] == pytest.approx(need, rel=1e-9)
+        assert r["mfu"] == r["mfu_needed"] == pytest.approx(need / r["wall_s"] / res["peak_matmul_flops"],
+                                                            rel=rel, abs=2e-4)
+        assert r["mfu"] < r["mfu_4n"]
     assert {"ratio_vs_sequential_peft", "final_loss_rel_diff", "peak_matmul_flops", "flops_formula"} <= set(res)
-    assert res["flops_formula"].startswith("4*N*tokens (flops_per_s, mfu")
+    assert res["flops_formula"].startswith("mfu = mfu_needed")
     # same init, data order and optimizer in both arms: the same training, to float tolerance
     assert res["final_loss_rel_diff"] < 1e-3
 
