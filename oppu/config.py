@@ -155,14 +155,15 @@ BASE_DEFAULTS = {"smollm2": {"user_train.lr": 1e-3}}
 
 # `oppu demo`: a world and settings per kind of base that finish in minutes on 2 CPU cores.
 # A checkpoint (SmolLM2-135M) costs ~100x the tiny base per token, so its world is small (4 test
-# users, 8-12 items, 2 questions each), task adaptation is one pass over 64 examples with LoRA on
+# users, 8-12 items, each trained on their 8 most recent, 2 questions each), task adaptation is
+# one pass over 64 examples with LoRA on
 # the top 8 layers, and each user's LoRA sits on the top 8 layers too (the frozen layers below run
 # once per example: engine/prefix.py). Measured in docs/results.md.
 DEMO_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"world": {"test_users": 16, "other_users": 160}, "run": {}},
     "checkpoint": {
         "world": {"test_users": 4, "other_users": 16, "queries_per_user": 2, "min_history": 8, "max_history": 12},
-        "run": {"profile": "statistical", "max_history_items": 10, "base_train.epochs": 1, "base_train.lr": 2e-3,
+        "run": {"profile": "statistical", "max_history_items": 8, "base_train.epochs": 1, "base_train.lr": 2e-3,
                 "base_train.batch_size": 8, "base_train.max_examples": 64, "base_train.top_layers": 8,
                 "base_train.target_modules": "q_proj,k_proj,v_proj,o_proj",
                 "user_train.top_layers": 8, "user_train.lr": 2e-3}},
