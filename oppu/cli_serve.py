@@ -53,7 +53,8 @@ def _admin_token(token_file: Optional[Path]) -> str:
 
 def serve(store: Path = typer.Option(..., help="store directory (created if missing)"),
           base: str = typer.Option("tiny", help="'tiny' / 'tiny:micro|small' (built once into the store; for "
-                                                "trying the API), a local HF model dir, or an `oppu run` output"),
+                                                "trying the API), 'smollm2', a .gguf file, a local HF model dir, "
+                                                "or an `oppu run` output"),
           task: str = typer.Option("LaMP_2M", help="the LaMP task this server serves"),
           host: str = typer.Option("127.0.0.1", help="bind address (put TLS in front for anything but loopback)"),
           port: int = typer.Option(8000, help="port; 0 = any free port (see --port-file)"),
