@@ -46,6 +46,15 @@ def items(rng: random.Random, prefix: str, n: int, labels: list[str]) -> list[di
              "tag": rng.choice(labels)} for i in range(n)]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server started by start_server; kill it if it has not exited within 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start_server(args, store: Path, admin: str) -> tuple[subprocess.Popen, str, Path]:
     port_file, log = store.parent / "port", store.parent / "server.log"
     cmd = [sys.executable, "-m", "oppu.cli_serve", "serve", "--store", str(store), "--base", args.base,
@@ -174,11 +183,7 @@ def main() -> None:
                 res = run_load(url, users, args.task, args.duration)
                 s1, n1 = batch_rows(c)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     lat = res["latencies"]
     out = {"benchmark": "load_server", "clients": args.clients, "duration_s": round(res["wall_s"], 2),
            "requests": len(lat), "errors": sum(res["errors"].values()), "error_kinds": res["errors"],

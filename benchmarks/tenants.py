@@ -23,9 +23,7 @@ import argparse
 import json
 import random
 import secrets
-import signal
 import sqlite3
-import subprocess
 import tempfile
 import threading
 import time
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import httpx
 from _common import machine_info
-from load_server import WORDS, items, pct, start_server
+from load_server import WORDS, items, pct, start_server, stop_server
 
 TASK = "LaMP_2M"
 
@@ -232,11 +230,7 @@ def main() -> None:
                     print(f"{name}: {r['rps']} req/s ({r['rate_ratio']}x), p99 {r['p99_ms']} ms ({r['p99_ratio']}x), "
                           f"neighbour {r['neighbour_codes']}", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     print(json.dumps({"benchmark": "tenants", "duration_s": args.duration, "victim_clients": args.victim_clients,
                       "alone": alone, "arms": results, "all_ok": all(r["ok"] for r in results.values()),
                       "setup": {"big_history": args.big_history, "train_items": args.train_items, "flood": args.flood,
