@@ -49,12 +49,10 @@ def _retrieve(task: Task, items: Sequence[Item], retriever, query: str, k: int, 
     return [items[j] for j in reversed(idx)]  # most relevant last: closest to the query
 
 
-def _item_example(task: Task, user: User, items: Sequence[Item], i: int, variant: str, k: int, retriever,
-                  profile: str | None, style: str) -> Example | None:
-    """History item i in one variant: rag retrieves only from items[:i]; pag carries `profile`."""
-    ex = task.item_to_example(items[i])
-    if ex is None:
-        return None
+def _item_example(task: Task, user: User, items: Sequence[Item], i: int, ex: tuple, variant: str, k: int,
+                  retriever, profile: str | None, style: str) -> Example:
+    """History item i (`ex` = task.item_to_example(items[i])) in one variant: rag retrieves only
+    from items[:i]; pag carries `profile`."""
     inp, target = ex
     retrieved = _retrieve(task, items, retriever, task.query_doc(inp), k, limit=i) \
         if (variant == "rag" and retriever is not None) else []
@@ -76,12 +74,10 @@ def history_examples(task: Task, user: User, variants: Sequence[str], k: int, re
     r = _history_retriever(task, items, variants, k, retriever)
     profile = profile_fn(items) if ("pag" in variants and profile_fn) else None
     out = []
-    for i in range(len(items)):
-        for v in variants:
-            e = _item_example(task, user, items, i, v, k, r, profile, style)
-            if e is None:
-                break
-            out.append(e)
+    for i, it in enumerate(items):
+        ex = task.item_to_example(it)
+        if ex is not None:
+            out += [_item_example(task, user, items, i, ex, v, k, r, profile, style) for v in variants]
     return out
 
 
@@ -133,28 +129,28 @@ def base_examples(task: Task, users: Sequence[User], variants: Sequence[str], k:
     without tripling its data. With `max_examples`, a seeded sample of that many sources is built
     (and only their profiles written), so the cost of a capped run does not grow with the data."""
     rng = random.Random(seed)
-    picks: list[tuple[int, object, str]] = []      # (user index, item index or Query, variant)
+    picks: list[tuple[int, object, str]] = []      # (user index, (item index, example) or Query, variant)
     for ui, u in enumerate(users):
-        picks += [(ui, i, rng.choice(variants)) for i, it in enumerate(u.history)
-                  if task.item_to_example(it) is not None]
+        parsed = [(i, task.item_to_example(it)) for i, it in enumerate(u.history)]
+        picks += [(ui, (i, ex), rng.choice(variants)) for i, ex in parsed if ex is not None]
         picks += [(ui, q, rng.choice(variants)) for q in u.queries if q.gold is not None]
     if max_examples and len(picks) > max_examples:
         keep = set(random.Random(seed).sample(range(len(picks)), max_examples))
         picks = [p for j, p in enumerate(picks) if j in keep]
-    prefetch_profiles(profile_fn, [users[ui].history if isinstance(src, int) else users[ui].visible_items(src)
+    prefetch_profiles(profile_fn, [users[ui].history if isinstance(src, tuple) else users[ui].visible_items(src)
                                    for ui, src, v in picks if v == "pag"])
     out, by_user = [], {}
     for ui, src, v in picks:
         by_user.setdefault(ui, []).append((src, v))
     for ui, u in enumerate(users):
         mine = by_user.get(ui, [])
-        vs = {v for src, v in mine if isinstance(src, int)}
+        vs = {v for src, v in mine if isinstance(src, tuple)}
         r = _history_retriever(task, u.history, tuple(vs), k, retriever)
         profile = profile_fn(u.history) if ("pag" in vs and profile_fn) else None
         cache: dict = {}
         for src, v in mine:
-            if isinstance(src, int):
-                out.append(_item_example(task, u, u.history, src, v, k, r, profile, style))
+            if isinstance(src, tuple):
+                out.append(_item_example(task, u, u.history, *src, v, k, r, profile, style))
             else:
                 out.append(Example(query_prompt(task, u, src, v, k, retriever, profile_fn, style, cache),
                                    task.target(src.gold), u.user_id, v, f"query:{src.id}"))
