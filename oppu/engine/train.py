@@ -152,9 +152,8 @@ class Trainer:
         self.mm.reserve(self.kind, reserve or min(self.group, len(self.waiting)))
         self.opt: StackedAdamW | None = None
         self.n_steps = 0
-        self.n_tokens = sum(len(e.ids) for r in self.waiting for e in r.data)
-        self.reuse_prefix = reuse_prefix
-        self.prefix: FrozenPrefix | None = None   # set once the first modules are in (engine/prefix.py)
+        self.prefix_pending = reuse_prefix        # decided once the first modules are in (engine/prefix.py)
+        self.prefix: FrozenPrefix | None = None
 
     def _new_run(self, uid: str, exs: Sequence, start: tuple | None, order_seed: int | None) -> _Run:
         if not exs:
@@ -231,10 +230,10 @@ class Trainer:
             self.active[slot] = run
         for p in self.mm.bank_params(self.kind):
             p.requires_grad_(True)
-        if self.reuse_prefix and self.prefix is None:
-            self.reuse_prefix = False
-            self.prefix = FrozenPrefix.for_trainer(self.decoder, list(self.mm.layers()), self.ucfg.epochs,
-                                                   self.n_tokens)
+        if self.prefix_pending:
+            self.prefix_pending = False
+            n_tokens = sum(len(e.ids) for r in (*self.waiting, *self.active.values()) for e in r.data)
+            self.prefix = FrozenPrefix.for_trainer(self.decoder, list(self.mm.layers()), self.ucfg.epochs, n_tokens)
 
     def _lr(self, run: _Run) -> float:
         total = len(run.plan)
