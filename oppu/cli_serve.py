@@ -73,6 +73,8 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
                                                         "blocks generation) | shared | auto (copy below 1B params)"),
           max_batch: int = typer.Option(32, help="rows per mixed-adapter generation batch"),
           max_wait_ms: float = typer.Option(10.0, help="how long a batch waits for more requests"),
+          train_yield_ms: float = typer.Option(500.0, help="the most a training step waits while generate "
+                                                            "requests are open (generation goes first)"),
           max_history_items: int = typer.Option(20_000, help="per-user quota of history items"),
           max_history_bytes: int = typer.Option(32 << 20, help="per-user quota of history bytes (item JSON)"),
           device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -98,7 +100,7 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
         run_cfg = _run_config(base, user_epochs, user_lr)
         cfg = ServeConfig(task=task, peft=peft, k=k, seed=seed, max_len=max_len, user_train=run_cfg.user_train,
                           replay=replay, trainer_base=trainer_base, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                          style=run_cfg.prompt_style, max_history_items=max_history_items,
+                          train_yield_ms=train_yield_ms, style=run_cfg.prompt_style, max_history_items=max_history_items,
                           max_history_bytes=max_history_bytes)
         st = AdapterStore(store)
         model, tok, info = open_base(base, cfg.task, st.root, seed=seed, base_epochs=base_epochs, k=k,

@@ -226,3 +226,31 @@ def test_startup_marks_unfinished_jobs_failed(base, tmp_path):
     assert j["status"] == "failed" and "interrupted" in j["error"] and j["version"] is None
     svc.store.close()
 
+
+
+def test_training_steps_wait_while_a_generate_request_is_open(base, tmp_path, monkeypatch):
+    """Generation first: the trainer steps only when no generate request is open (or after
+    train_yield_ms). With a request held open and a long yield, a one-item job makes no step;
+    once the request is answered, the job finishes."""
+    svc = make_service(base, tmp_path / "store", train_yield_ms=60_000)
+    release, entered = threading.Event(), threading.Event()
+    real = svc.p.answer_rows
+
+    def held(rows):
+        entered.set()
+        release.wait(30)
+        return real(rows)
+
+    with TestClient(create_app(svc)) as c:
+        uid, tok = new_user(c)
+        c.post(f"/v1/users/{uid}/history", json={"task": "LaMP_2M", "items": items("y", 1)}, headers=A)
+        monkeypatch.setattr(svc.p, "answer_rows", held)
+        fut = svc.batcher.submit(uid, query("love"))
+        assert entered.wait(10) and not svc.batcher.wait_idle(0.05)
+        job = c.post(f"/v1/users/{uid}/train", headers=A).json()["job_id"]
+        time.sleep(2.0)  # a one-item job on the micro base takes well under a second when it may step
+        assert c.get(f"/v1/jobs/{job}", headers=A).json()["status"] in ("queued", "running")
+        release.set()
+        fut.exception(30)  # answered (this user has no adapter yet: an error or a base answer)
+        assert svc.batcher.wait_idle(5) and wait_job(c, job, A)["status"] == "done"
+    svc.store.close()

@@ -42,6 +42,8 @@ class Batcher:
         self._on_batch = on_batch or (lambda n: None)
         self._thread = threading.Thread(target=self._run, name="oppu-batcher", daemon=True)
         self._stopped = threading.Event()
+        self._open = 0                          # requests submitted and not yet answered
+        self._idle = threading.Condition()
 
     # -- public --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -52,8 +54,23 @@ class Batcher:
         if self._stopped.is_set():
             raise RuntimeError("the batcher is closed")
         r = Request(user_id, prompt)
+        with self._idle:
+            self._open += 1
+        r.future.add_done_callback(self._answered)
         self._q.put(r)
         return r.future
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is waiting or being answered, at most `timeout` s (the trainer
+        calls this before each step, so generation gets the cores first). True when idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._open == 0, timeout)
+
+    def _answered(self, fut: Future) -> None:
+        with self._idle:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.notify_all()
 
     def loaded(self) -> int:
         return len(self.p.slots)

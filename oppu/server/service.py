@@ -74,6 +74,7 @@ class ServeConfig:
     max_loaded: int = 256               # users kept warm in the serving slots
     max_train_users: int = 16           # queued jobs trained together in one batched pass
     train_wait_ms: float = 200.0        # how long the trainer gathers queued jobs into one pass
+    train_yield_ms: float = 500.0       # the most a training step waits for open generate requests
     max_body_bytes: int = 1 << 20       # HTTP request bodies (per-field limits: oppu/server/schemas.py)
     max_import_bytes: int = 64 << 20    # POST /v1/users/import bodies (the export, base64)
     max_history_items: int = 20_000     # per user (413 past it; see AdapterStore.add_history)
@@ -119,7 +120,8 @@ class Service:
                               train_model=train_model)
         self.batcher = Batcher(self.p, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                                on_batch=self.metrics.batch_rows.observe)
-        self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000)
+        self.worker = TrainWorker(self.p, cfg.replay, cfg.max_train_users, cfg.train_wait_ms / 1000,
+                                  yield_to=lambda: self.batcher.wait_idle(cfg.train_yield_ms / 1000))
         self._jobs_lock = threading.Lock()
         self.limits = Limits(cfg.limits)
         self.crypto = ThreadPoolExecutor(max_workers=cfg.crypto_workers, thread_name_prefix="oppu-crypto",

@@ -10,7 +10,9 @@ trains beside it and is published as soon as it is done. A user's first adapter 
 the seeded start, an update from the active version on the new items plus a replay sample. The
 version a job made carries the note "<kind> via job <id>", so `version_of` finds it after a
 restart too. `cancel_user` (a delete) drops the user's running job, module and data at the
-next step; a queued job of a deleted user fails harmlessly when its turn comes.
+next step; a queued job of a deleted user fails harmlessly when its turn comes. Before every
+step the worker calls `yield_to` (the service: wait, at most `train_yield_ms`, until no generate
+request is open), so another user's training never shares the cores with a request for long.
 
     w = TrainWorker(personalizer, replay=0.5); w.start()
     w.submit(job)                      # a queued store Job
@@ -60,8 +62,10 @@ def lower_priority(step: int = 10) -> None:
 
 class TrainWorker:
     def __init__(self, personalizer: Personalizer, replay: float = 0.5, max_jobs: int = 16, max_wait_s: float = 0.2,
-                 on_finish: Callable[[Job, BaseException | None], None] = lambda job, err: None):
+                 on_finish: Callable[[Job, BaseException | None], None] = lambda job, err: None,
+                 yield_to: Callable[[], object] = lambda: None):
         self.p, self.replay, self.max_jobs, self.on_finish = personalizer, replay, max_jobs, on_finish
+        self.yield_to = yield_to  # called before every step: waits (bounded) while generation runs
         self.max_wait_s = max_wait_s  # after the first job, how long to gather others into its session
         self.join_running = personalizer.train_model is not personalizer.model
         self._q: queue.Queue[Job | None] = queue.Queue()
@@ -171,6 +175,7 @@ class TrainWorker:
                     self._admit(s, self._drain(), deferred)
                 self.current = s.job_ids()
                 if s.busy:
+                    self.yield_to()
                     s.step()
 
     def _admit(self, s: TrainSession, jobs: list[Job], deferred: list[Job]) -> None:
