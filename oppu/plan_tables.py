@@ -93,6 +93,8 @@ def memory_table(a: Arch, users: int = 16) -> list[str]:
     out.append(row("frozen-prefix reuse budget (engine: 2 GiB per trainer)", f"{reuse:,} tokens = "
                    f"{reuse // (PAPER.items * PAPER.tokens_per_item)} users of 100 items, "
                    f"{reuse // (SMALL.items * SMALL.tokens_per_item)} of 32"))
+    cache = users * PAPER.items * PAPER.tokens_per_item * a.hidden * 4  # as the engine counts it
+    out.append(row(f"frozen-prefix cache of {users} users of 100 items (needs a larger budget)", gb(cache)))
     step = BATCH_SIZE * PAPER.tokens_per_item
     out.append(row(f"users whose step ({BATCH_SIZE} rows x {PAPER.tokens_per_item} tokens) fills a 16,384-token chunk",
                    f"{-(-16384 // step)}"))

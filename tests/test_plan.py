@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from oppu.config import UserTrainConfig
-from oppu.plan import (LLAMA2_7B, LLAMA2_7B_PARAMS, PREFIX_BUDGET_BYTES, Adapter, Workload, adapter_file_bytes,
+from oppu.plan import (LLAMA2_7B, LLAMA2_7B_PARAMS, PREFIX_BUDGET_BYTES, Adapter, Arch, Workload, adapter_file_bytes,
                        adapter_params, adapter_tensors, arch_of, linear_params, safetensors_bytes, total_params,
                        train_flops)
 from oppu.plan_tables import SMOLLM2
@@ -107,6 +107,18 @@ def test_pinned_smollm2_adapter_sizes():
     assert adapter_params(SMOLLM2, Adapter("ia3")) == 57_600
     assert adapter_params(SMOLLM2, Adapter("prompt_tuning")) == 4_608
     assert adapter_file_bytes(SMOLLM2, Adapter("lora"), 2) == 937_176
+
+
+def test_the_tiny_bases_measured_adapter_bytes():
+    """docs/benchmarks.md's adapter_io table (files the engine wrote for the tiny base), to the byte."""
+    from oppu.model.base import PRESETS
+    p = PRESETS["tiny"]
+    tiny = Arch(hidden=p.hidden_size, intermediate=p.intermediate_size, layers=p.num_hidden_layers,
+                heads=p.num_attention_heads, kv_heads=p.num_attention_heads, vocab=982, tied=True)
+    measured = {Adapter("lora", targets=("all-linear",)): (334_768, 170_944), Adapter("ia3"): (11_664, 6_552),
+                Adapter("prompt_tuning"): (4_216, 2_168)}
+    for ad, (fp32, bf16) in measured.items():
+        assert (adapter_file_bytes(tiny, ad, 4), adapter_file_bytes(tiny, ad, 2)) == (fp32, bf16), ad
 
 
 @pytest.mark.parametrize("name", list(KINDS))
