@@ -201,7 +201,9 @@ def _run_ray(jobs: list[ShardJob], workers: int, ray_address: str | None) -> dic
 
 
 def _ray_tasks(ray, jobs: list[ShardJob], workers: int) -> dict[str, list[float]]:
-    remote = ray.remote(num_cpus=1, max_retries=0)(train_shard)
+    # a CUDA shard asks Ray for a GPU of its own (Ray sets CUDA_VISIBLE_DEVICES), else every task used GPU 0
+    gpus = 1 if jobs and str(jobs[0].device).startswith("cuda") else 0
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(train_shard)
     queue, pending, results = list(jobs), [], {}
     while queue or pending:
         while queue and len(pending) < workers:
