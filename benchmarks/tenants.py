@@ -78,6 +78,7 @@ def measure(victim: Tenant, n_clients: int, duration: float, neighbour=None) -> 
     """The victim's answers while `neighbour(stop, codes, lock)` threads run (None: alone)."""
     stop, lock = threading.Event(), threading.Lock()
     lat: list[float] = []
+    when: list[tuple[float, float]] = []  # (seconds into the arm at the answer, latency)
     vcodes, ncodes = Counter(), Counter()
 
     def victim_client(i: int) -> None:
@@ -90,11 +91,13 @@ def measure(victim: Tenant, n_clients: int, duration: float, neighbour=None) -> 
                     vcodes[r.status_code] += 1
                     if r.status_code == 200:
                         lat.append(time.perf_counter() - t0)
+                        when.append((time.monotonic() - start[0], lat[-1]))
 
     threads = [threading.Thread(target=victim_client, args=(i,)) for i in range(n_clients)]
     if neighbour is not None:
         threads += neighbour(stop, ncodes, lock)
     t0 = time.monotonic()
+    start = [t0]
     for t in threads:
         t.start()
     time.sleep(duration)
@@ -103,7 +106,9 @@ def measure(victim: Tenant, n_clients: int, duration: float, neighbour=None) -> 
         t.join(120)
     wall = time.monotonic() - t0
     return {"rps": round(len(lat) / wall, 2), "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-            "victim_codes": {str(k): v for k, v in vcodes.items()}, "neighbour_codes": {str(k): v for k, v in ncodes.items()}}
+            "victim_codes": {str(k): v for k, v in vcodes.items()}, "neighbour_codes": {str(k): v for k, v in ncodes.items()},
+            "max_ms_by_second": [round(1000 * max((x for w, x in when if int(w) == i), default=0.0))
+                                 for i in range(int(wall) + 1)]}
 
 
 def export_flood(t: Tenant, n: int):
@@ -201,9 +206,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--arms", default="export,history,training,delete", help="which neighbours, comma-separated")
+    ap.add_argument("--train-yield-ms", type=float, default=None,
+                    help="the server's --train-yield-ms (0: training steps never wait for generation)")
     args = ap.parse_args()
     args.task, args.max_batch, args.max_wait_ms = TASK, 32, 10.0
     args.extra = ["--max-history-items", str(args.big_history + 10_000)]
+    if args.train_yield_ms is not None:
+        args.extra += ["--train-yield-ms", str(args.train_yield_ms)]
     from oppu.tasks import get_task
 
     labels = list(get_task(TASK).labels)
@@ -234,7 +243,8 @@ def main() -> None:
     print(json.dumps({"benchmark": "tenants", "duration_s": args.duration, "victim_clients": args.victim_clients,
                       "alone": alone, "arms": results, "all_ok": all(r["ok"] for r in results.values()),
                       "setup": {"big_history": args.big_history, "train_items": args.train_items, "flood": args.flood,
-                                "base": args.base, "threads": args.threads},
+                                "base": args.base, "threads": args.threads,
+                                "train_yield_ms": args.train_yield_ms},
                       "machine": machine_info(args.device)}))
 
 
