@@ -22,6 +22,7 @@ RUNS = {  # run name -> (script, argv)
     "serve_users": ("serve_users", ["--users", "4", "--preset", "micro", "--max-new-tokens", "4", "--repeats", "1"]),
     "adapter_io": ("adapter_io", ["--users", "4", "--preset", "micro", "--epochs", "1", "--base-epochs", "0",
                                   "--other-users", "4"]),
+    "adapter_scale": ("adapter_scale", ["--base", "tiny:micro", "--users", "3,8", "--sample", "3"]),
     "load_server": ("load_server", ["--clients", "2", "--duration", "1", "--base", "tiny:micro", "--threads", "1",
                                     "--history", "4", "--user-epochs", "1"]),
     "tenants": ("tenants", ["--duration", "0.5", "--victim-clients", "1", "--flood", "2", "--big-history", "200",
@@ -122,6 +123,15 @@ def test_adapter_io(runs):
     assert res["cache"]["hits"] > 0 and res["cache"]["bytes"] <= res["cache"]["max_bytes"]
     s = res["bf16_score"]
     assert {"outputs_identical", "max_abs_logit_diff", "metric"} <= set(s) and 0 <= s["outputs_identical"] <= 1
+
+
+def test_adapter_scale(runs):
+    res = _result(runs, "adapter_scale")
+    assert [r["users"] for r in res["by_store_size"]] == [3, 8] and res["by_store_size"][0]["p99_ratio_vs_smallest"] == 1
+    for r in res["by_store_size"]:
+        assert 0 < r["cold_load_ms"]["p50_ms"] <= r["cold_load_ms"]["p99_ms"] and r["cache_hit_ms"]["p50_ms"] > 0
+    for kind, b in res["bytes_per_user"].items():
+        assert 0 < b["bf16_bytes"] < b["fp32_bytes"], kind
 
 
 def test_load_server(runs):
