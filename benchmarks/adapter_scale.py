@@ -12,7 +12,8 @@ through `put_version`: hashed, fsynced, recorded in the store's SQLite db), up t
   cache_hit_ms   the same user again after its slot was evicted: resolve_active + ensure with the
                  file bytes in the AdapterCache
   bytes_per_user adapter_model.safetensors per user, fp32 and bf16, for LoRA, IA3 and prompt tuning
-                 (the base's own layer shapes; oppu.engine.cache.save_adapter_bf16)
+                 with the base's default user_train (a checkpoint: LoRA r=8 on q,v; the tiny base:
+                 every linear layer), oppu.engine.cache.save_adapter_bf16 for bf16
 
 p50 and p99 over the sample; `p99_ratio_vs_smallest` is each size's cold p99 over the smallest
 size's (flat: near 1). Last stdout line: one JSON object.
@@ -97,13 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     if sizes != sorted(sizes) or sizes[0] < 1:
         ap.error(f"--users must be increasing positive sizes, got {args.users!r}")
 
-    from oppu.config import UserTrainConfig
+    from oppu.config import load_config
     from oppu.store import AdapterStore
 
     set_threads(args.threads)
     device = resolve(args.device)
     rng = random.Random(args.seed)
-    ucfg = UserTrainConfig()
+    ucfg = load_config(None, base=args.base).user_train  # the base's defaults (a checkpoint: LoRA r=8 on q,v)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model, _ = load_bench_base(args.base, tmp / "base", ["description: a film tag: comedy"] * 40, device,

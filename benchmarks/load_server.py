@@ -98,6 +98,18 @@ def setup_users(c: httpx.Client, args, labels: list[str]) -> list[tuple[str, str
     return users
 
 
+def start_training(c: httpx.Client, args, labels: list[str]) -> str | None:
+    """With --train-items N: another user's N-item training job, queued just before the load."""
+    if not args.train_items:
+        return None
+    u = c.post("/v1/users").raise_for_status().json()
+    rng = random.Random(1)
+    for start in range(0, args.train_items, 1000):
+        c.post(f"/v1/users/{u['user_id']}/history", json={"task": args.task, "items": items(
+            rng, f"t{start}-", min(1000, args.train_items - start), labels)}).raise_for_status()
+    return c.post(f"/v1/users/{u['user_id']}/train").raise_for_status().json()["job_id"]
+
+
 def batch_rows(c: httpx.Client) -> tuple[float, float]:
     text = c.get("/metrics").text
     m = re.search(r"oppu_generate_batch_rows_sum (\S+)\noppu_generate_batch_rows_count (\S+)", text)
@@ -164,6 +176,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--start-timeout", type=float, default=600.0)
+    ap.add_argument("--train-items", type=int, default=0,
+                    help="another user's training job of this many items runs during the load (0 = none)")
     args = ap.parse_args()
     from oppu.tasks import get_task
 
@@ -180,8 +194,10 @@ def main() -> None:
                 trained = time.monotonic() - t1
                 print(f"server up in {started:.1f}s; {len(users)} users trained in {trained:.1f}s", flush=True)
                 s0, n0 = batch_rows(c)
+                job = start_training(c, args, labels)
                 res = run_load(url, users, args.task, args.duration)
                 s1, n1 = batch_rows(c)
+                job_status = c.get(f"/v1/jobs/{job}").json()["status"] if job else None
         finally:
             stop_server(proc)
     lat = res["latencies"]
@@ -191,7 +207,8 @@ def main() -> None:
            "latency_ms": {"p50": pct(lat, 0.5), "p90": pct(lat, 0.9), "p99": pct(lat, 0.99),
                           "max": pct(lat, 1.0), "mean": round(1000 * statistics.fmean(lat), 2) if lat else None},
            "mean_batch_rows": round((s1 - s0) / (n1 - n0), 2) if n1 > n0 else None,
-           "setup": {"server_start_s": round(started, 1), "train_users_s": round(trained, 1)},
+           "setup": {"server_start_s": round(started, 1), "train_users_s": round(trained, 1),
+                     "training_neighbour": {"items": args.train_items, "status_at_end": job_status}},
            "server": {"base": args.base, "base_epochs": args.base_epochs, "task": args.task,
                       "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "threads": args.threads},
            "machine": machine_info(args.device)}

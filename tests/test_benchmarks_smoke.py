@@ -24,7 +24,7 @@ RUNS = {  # run name -> (script, argv)
                                   "--other-users", "4"]),
     "adapter_scale": ("adapter_scale", ["--base", "tiny:micro", "--users", "3,8", "--sample", "3"]),
     "load_server": ("load_server", ["--clients", "2", "--duration", "1", "--base", "tiny:micro", "--threads", "1",
-                                    "--history", "4", "--user-epochs", "1"]),
+                                    "--history", "4", "--user-epochs", "1", "--train-items", "6"]),
     "tenants": ("tenants", ["--duration", "0.5", "--victim-clients", "1", "--flood", "2", "--big-history", "200",
                             "--train-items", "40", "--user-epochs", "1"]),
 }
@@ -139,6 +139,7 @@ def test_load_server(runs):
     assert res["clients"] == 2 and res["errors"] == 0 and res["requests"] > 0
     assert {"p50", "p90", "p99"} <= set(res["latency_ms"]) and res["latency_ms"]["p50"] <= res["latency_ms"]["p99"]
     assert res["throughput_rps"] > 0 and res["mean_batch_rows"] >= 1
+    assert res["setup"]["training_neighbour"]["status_at_end"] in ("queued", "running", "done")
 
 
 def test_tenants(runs):
