@@ -26,6 +26,7 @@ VARIANTS = ("plain", "rag", "pag")
 METHOD_VARIANT = {"non_personalized": "plain", "rag": "rag", "pag": "pag",
                   "oppu": "plain", "oppu_rag": "rag", "oppu_pag": "pag"}
 ProfileFn = Callable[[list[Item]], str]
+PAUSE_EVERY = 64  # history items between pause() calls in history_examples
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,17 @@ def _history_retriever(task: Task, items: Sequence[Item], variants: Sequence[str
 
 
 def history_examples(task: Task, user: User, variants: Sequence[str], k: int, retriever: str,
-                     profile_fn: ProfileFn | None, style: str = "compact") -> list[Example]:
-    """Examples from the user's own history items (in chronological order)."""
+                     profile_fn: ProfileFn | None, style: str = "compact",
+                     pause: Callable[[], object] | None = None) -> list[Example]:
+    """Examples from the user's own history items (in chronological order). `pause()`, when
+    given, runs every PAUSE_EVERY items (a server lets generation go first there)."""
     items = user.history
     r = _history_retriever(task, items, variants, k, retriever)
     profile = profile_fn(items) if ("pag" in variants and profile_fn) else None
     out = []
     for i, it in enumerate(items):
+        if pause is not None and i and i % PAUSE_EVERY == 0:
+            pause()
         ex = task.item_to_example(it)
         if ex is not None:
             out += [_item_example(task, user, items, i, ex, v, k, r, profile, style) for v in variants]

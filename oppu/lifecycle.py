@@ -112,11 +112,12 @@ class Lifecycle:
             results.update(session.results)
         return results
 
-    def plan_job(self, job: Job, replay: float) -> JobPlan:
-        """What the job trains on (examples, starting module, order seed); raises when it cannot run."""
+    def plan_job(self, job: Job, replay: float, pause=None) -> JobPlan:
+        """What the job trains on (examples, starting module, order seed); raises when it cannot run.
+        `pause()` runs now and then while the examples are built."""
         uid = job.user_id
         hist = self.history(uid)
-        exs = self.examples(as_user(uid, hist))
+        exs = self.examples(as_user(uid, hist), pause=pause)
         if job.kind == "train":
             if not exs:
                 raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")

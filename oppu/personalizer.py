@@ -69,9 +69,10 @@ class Personalizer(Lifecycle):
         self._to_drop: set[str] = set()                         # deleted users whose weights await the lock
 
     # -- examples and prompts (pure) ---------------------------------------------------------
-    def examples(self, user: User, variants: Sequence[str] | None = None, k: int | None = None) -> list[Example]:
+    def examples(self, user: User, variants: Sequence[str] | None = None, k: int | None = None,
+                 pause=None) -> list[Example]:
         return history_examples(self.task, user, variants or self.variants, self.k if k is None else k,
-                                self.retriever, self.profile_fn, self.style)
+                                self.retriever, self.profile_fn, self.style, pause)
 
     def prompt(self, user: User, query, variant: str, k: int | None = None, cache: dict | None = None) -> str:
         return query_prompt(self.task, user, query, variant, self.k if k is None else k, self.retriever,

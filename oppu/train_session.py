@@ -61,10 +61,13 @@ def fail_job(store, job_id: str, e: BaseException) -> BaseException:
 
 class TrainSession:
     def __init__(self, p, replay: float = 0.5, notes: dict[str, str] | None = None,
-                 on_result: Callable[[str, Any], None] = lambda job_id, result: None):
+                 on_result: Callable[[str, Any], None] = lambda job_id, result: None,
+                 pause: Callable[[], object] | None = None):
         """p: a Personalizer (with a store). notes: {job_id: version note}. on_result(job_id, result)
-        runs as each job ends (done, failed or cancelled)."""
+        runs as each job ends (done, failed or cancelled). pause() runs between the forward chunks
+        of a step (the server yields to generation there)."""
         self.p, self.replay, self.notes, self.on_result = p, replay, dict(notes or {}), on_result
+        self.pause = pause
         self.plans: dict[str, JobPlan] = {}          # user -> the plan training now
         self.results: dict[str, TrainResult | BaseException] = {}
         self._shapes: dict[str, tuple] | None = None
@@ -79,6 +82,7 @@ class TrainSession:
         try:
             self._trainer = Trainer(base, p.tok, {}, p.pcfg, p.ucfg, p.seed, p.max_len, p.max_users_per_batch,
                                     self._publish, p.tokens_per_forward, reserve=p.max_users_per_batch)
+            self._trainer.pause = self.pause
         except BaseException:
             self._ctx.__exit__(None, None, None)
             raise
@@ -106,7 +110,7 @@ class TrainSession:
         if job.user_id in self.plans:
             return False
         try:
-            plan = self.p.plan_job(job, self.replay)
+            plan = self.p.plan_job(job, self.replay, self.pause)
             shapes = self._trainer.fresh_shapes() if plan.start is None else \
                 {k: tuple(v.shape) for k, v in plan.start[1].items()}
             if self._shapes is not None and shapes != self._shapes:

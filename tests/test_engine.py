@@ -209,3 +209,32 @@ def test_saved_adapters_load_in_peft_and_round_trip(trained, tmp_path):
     for i, u in enumerate(SIZES):  # PeftModel.from_pretrained on the batched-trained files
         _, want = solo(model, tok, dirs[u], PROMPTS[i], 1)
         torch.testing.assert_close(first[i], want, atol=1e-4, rtol=0)
+
+
+def test_pause_runs_between_chunks_and_changes_nothing(base, data):
+    """A server's pause() (generation first) runs between a step's forward chunks and between
+    encode chunks of a joining user; the losses are the same as without it, bit for bit."""
+    import oppu.engine.train as train_mod
+
+    model, tok = base
+    ucfg = ucfg_of("lora-qv")
+    calls = []
+
+    def run(pause) -> dict:
+        tr = Trainer(model, tok, {}, pcfg_of("lora-qv"), ucfg, SEED, MAX_LEN, max_users_per_batch=4,
+                     tokens_per_forward=64, reserve=4)
+        tr.pause = pause
+        try:
+            for u, exs in data.items():
+                tr.add(u, exs)
+            return tr.run()
+        finally:
+            tr.close()
+
+    chunk = train_mod.ENCODE_CHUNK
+    train_mod.ENCODE_CHUNK = 2
+    try:
+        plain, paused = run(None), run(lambda: calls.append(1))
+    finally:
+        train_mod.ENCODE_CHUNK = chunk
+    assert paused == plain and len(calls) > len(data)

@@ -88,22 +88,29 @@ def token_loss_sums(mm: MultiUserModel | None, decoder, head, rows: Sequence[Enc
 def backward_per_user_loss(mm: MultiUserModel | None, decoder, head, rows: Sequence[Encoded],
                            row_users: Sequence[str | None], row_group: Sequence[int], n_groups: int, pad_id: int,
                            tokens_per_forward: int,
-                           prefix: FrozenPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           prefix: FrozenPrefix | None = None,
+                           pause: Callable[[], object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate the sum over groups (users) of each group's mean target-token loss (as HF
     computes it for that group's rows alone), in length-sorted chunks of at most
     `tokens_per_forward` padded tokens whose gradients accumulate; returns each group's mean loss
-    [G] (detached) and number of target tokens [G]."""
+    [G] (detached) and number of target tokens [G]. `pause()` runs between chunks (a server lets
+    generation go first there); it does not change the arithmetic."""
     per_group = [0] * n_groups
     for e, gi in zip(rows, row_group):
         per_group[gi] += n_targets(e)
     counts = torch.tensor(per_group, dtype=torch.long)
     total = torch.zeros(n_groups, dtype=torch.float32)
-    for chunk in length_chunks(rows, tokens_per_forward):
+    for ci, chunk in enumerate(length_chunks(rows, tokens_per_forward)):
+        if ci and pause is not None:
+            pause()
         sums = token_loss_sums(mm, decoder, head, [rows[i] for i in chunk], [row_users[i] for i in chunk],
                                torch.tensor([row_group[i] for i in chunk]), n_groups, pad_id, prefix)
         (sums / counts.to(sums.device).clamp(min=1)).sum().backward()
         total += sums.detach().cpu()
     return total / counts.clamp(min=1), counts
+
+
+ENCODE_CHUNK = 256  # examples tokenized at once when a user joins (each example is tokenized alone: same ids)
 
 
 @dataclass
@@ -139,6 +146,7 @@ class Trainer:
         self.base, self.tok, self.pcfg, self.ucfg, self.seed = base, tok, pcfg, ucfg, seed
         self.group, self.tokens_per_forward = max_users_per_batch, tokens_per_forward
         self.on_user_done, self.on_step = on_user_done, on_step
+        self.pause: Callable[[], object] | None = None  # runs between a step's chunks and between encode chunks
         start, order_seeds = start or {}, order_seeds or {}
         self.max_len, self.group_by_length = max_len, group_by_length
         self.waiting: deque[_Run] = deque()
@@ -158,7 +166,11 @@ class Trainer:
     def _new_run(self, uid: str, exs: Sequence, start: tuple | None, order_seed: int | None) -> _Run:
         if not exs:
             raise ValueError(f"user {uid!r} has no training examples")
-        data = encode(self.tok, exs, self.max_len)
+        data = []
+        for i in range(0, len(exs), ENCODE_CHUNK):  # in chunks, pausing between (a server's generation goes first)
+            if i and self.pause is not None:
+                self.pause()
+            data += encode(self.tok, exs[i:i + ENCODE_CHUNK], self.max_len)
         seed = user_seed(self.seed, uid) if order_seed is None else order_seed
         plan = batches(len(data), self.ucfg.batch_size, self.ucfg.epochs, seed,
                        [len(e.ids) for e in data] if self.group_by_length else None)
@@ -255,7 +267,7 @@ class Trainer:
             row_group += [gi] * len(idx)
         means, counts = backward_per_user_loss(self.mm, self.decoder, self.head, rows, row_users, row_group,
                                                len(slots), self.tok.pad_token_id, self.tokens_per_forward,
-                                               self.prefix)
+                                               self.prefix, self.pause)
         self.opt.step(slots, [self._lr(self.active[s]) for s in slots], max_grad_norm=self.ucfg.max_grad_norm)
         self.opt.zero_grad()
         self.n_steps += 1

@@ -11,8 +11,9 @@ the seeded start, an update from the active version on the new items plus a repl
 version a job made carries the note "<kind> via job <id>", so `version_of` finds it after a
 restart too. `cancel_user` (a delete) drops the user's running job, module and data at the
 next step; a queued job of a deleted user fails harmlessly when its turn comes. Before every
-step the worker calls `yield_to` (the service: wait, at most `train_yield_ms`, until no generate
-request is open), so another user's training never shares the cores with a request for long.
+step, and between the forward chunks of a step, the worker calls `yield_to` (the service: wait,
+at most `train_yield_ms`, until no generate request is open), so another user's training never
+shares the cores with a request for long.
 
     w = TrainWorker(personalizer, replay=0.5); w.start()
     w.submit(job)                      # a queued store Job
@@ -163,7 +164,7 @@ class TrainWorker:
                 self._q.put(j)
 
     def _session(self, jobs: list[Job], deferred: list[Job]) -> None:
-        with TrainSession(self.p, self.replay, on_result=self._ended) as s:
+        with TrainSession(self.p, self.replay, on_result=self._ended, pause=self.yield_to) as s:
             self._admit(s, jobs, deferred)
             while s.busy:
                 with self._lock:
