@@ -149,3 +149,29 @@ def test_pipeline_runs_instant_and_reuses_the_cached_bank(tmp_path, monkeypatch)
     again = run(load_config(None, out=str(tmp_path / "two"), methods="non_personalized,instant", **kw))
     assert again.info["instant"]["bank"]["cached"] is True
     assert again.predictions["instant"] == res.predictions["instant"]
+
+
+def test_instant_experiment_numbers_are_recomputed_from_its_prediction_files(tmp_path, monkeypatch):
+    from oppu.data.lamp import read_outputs
+    from oppu.experiments import ExpOptions, run_experiment
+    from oppu.metrics import score
+
+    monkeypatch.setenv("OPPU_CACHE", str(tmp_path / "cache"))
+    res = run_experiment(ExpOptions("instant", task="LaMP_2M", synth=True, base="tiny:micro", seeds=1, test_users=4,
+                                    other_users=10, base_epochs=1, levels=(1, 2), out=str(tmp_path / "x"),
+                                    overrides={"user_train.epochs": 1, "instant.bank_users": 4,
+                                               "instant.val_users": 2, "instant.top_k": (1, 2)}))
+    out = tmp_path / "x"
+    assert {r["method"] for r in res["rows"]} == {"non_personalized", "rag", "instant", "oppu"}
+    for r in res["rows"]:
+        _, preds, _ = read_outputs(out / r["predictions"])
+        _, golds, _ = read_outputs(out / r["golds"])
+        assert score("LaMP_2M", {q: golds[q] for q in preds}, preds) == r["metrics"]
+    levels = res["summary"]["levels"]
+    assert list(levels) == ["1", "2", "all"]
+    for lv, row in levels.items():
+        for m in ("non_personalized", "rag", "instant", "oppu"):
+            want = [r["metrics"]["accuracy"] for r in res["rows"] if r["method"] == m and r["condition"]["items"] == lv]
+            assert row[m] == pytest.approx(sum(want) / len(want))
+        assert 0 < row["seconds_per_user"]["instant"] and 0 < row["seconds_per_user"]["oppu"]
+    assert set(res["summary"]["crossover"]) == {"oppu vs instant", "instant vs rag"}
