@@ -25,6 +25,7 @@ INSTANT_METHODS = ("instant", "instant_rag", "instant_pag")
 METHODS = DEFAULT_METHODS + INSTANT_METHODS
 USER_MODULE_METHODS = ADAPTER_METHODS + INSTANT_METHODS   # every method whose rows carry a user module
 INSTANT_MIXES = ("knn", "uniform")
+INSTANT_SELECTS = ("grad", "loss", "tfidf")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
@@ -69,17 +70,27 @@ class UserTrainConfig:
 @dataclass(frozen=True)
 class InstantConfig:
     """Instant adapters (oppu.instant): a new user's module mixed from a bank of modules trained
-    once on other (non-test) users, weighted by how similar their histories are."""
+    once on other (non-test) users: the bank modules that best explain the user's own latest items."""
     bank_users: int = 64                 # non-test users whose modules form the bank
     val_users: int = 16                  # other non-test users (not in the bank) that pick top_k/temperature
     val_items: int = 2                   # each validation user's last N items: held out, scored by loss
-    top_k: tuple[int, ...] = (1, 4, 8, 16)               # candidates: bank modules mixed per user
-    temperature: tuple[float, ...] = (0.02, 0.1, 1.0)   # candidates: softmax(cosine / temperature)
-    mix: str = "knn"                     # knn (top-k by similarity) | uniform (the whole bank, no user signal)
+    top_k: tuple[int, ...] = (1, 4, 8, 16)                    # grid: bank modules mixed per user
+    temperature: tuple[float, ...] = (0.01, 0.03, 0.1, 1.0)   # grid: softmax(affinity / temperature)
+    mix: str = "knn"                     # knn (the top_k by affinity) | uniform (the whole bank, no user signal)
+    # affinity of a bank module to a user: grad (cosine of its weight change with the user's probe items'
+    # descent direction, one backward) | loss (the probe items' loss under it) | tfidf (history text cosine)
+    select: str = "grad"
+    candidates: int = 16                 # select=loss: modules scored, the most similar histories (TF-IDF) first
+    probe_items: int = 8                 # select=grad|loss: the user's most recent N items (plain prompt)
 
     def __post_init__(self) -> None:
         if self.mix not in INSTANT_MIXES:
             raise ValueError(f"unknown instant.mix {self.mix!r}; valid: {', '.join(INSTANT_MIXES)}")
+        if self.select not in INSTANT_SELECTS:
+            raise ValueError(f"unknown instant.select {self.select!r}; valid: {', '.join(INSTANT_SELECTS)}")
+        if self.candidates < 1 or self.probe_items < 1:
+            raise ValueError(f"instant: candidates and probe_items must be >= 1 (got {self.candidates}, "
+                             f"{self.probe_items})")
         if self.bank_users < 1 or self.val_users < 0 or self.val_items < 1:
             raise ValueError(f"instant: bank_users >= 1, val_users >= 0, val_items >= 1 (got {self.bank_users}, "
                              f"{self.val_users}, {self.val_items})")

@@ -10,8 +10,6 @@ The crossover is the smallest history size from which training (oppu) is at leas
 the instant module at every larger size: below it, training does not pay off here."""
 from __future__ import annotations
 
-import time
-
 from oppu.experiments.cold_start import ALL, crossover, truncate
 from oppu.experiments.common import Lab, fmt, improvement, primary_metric
 from oppu.experiments.plots import lines
@@ -42,9 +40,9 @@ def run(lab: Lab) -> dict:
         rag = s.parse(s.generate(users_at[n], ["rag"], None, label=f"rag n={name[n]}"))["rag"]
         lab.record(s, "default", cond, "rag", None, rag, users_at[n])
         d = lab.work_dir(tid, "instant", name[n])
-        t0 = time.perf_counter()
-        write_instant(bank, users_at[n], d, s.cfg.max_history_items)
-        seconds[name[n]]["instant"].append((time.perf_counter() - t0) / len(users_at[n]))
+        with bank.scorer(s.model, s.tok, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward) as sc:
+            facts = write_instant(bank, users_at[n], d, s.cfg.max_history_items, scorer=sc)
+        seconds[name[n]]["instant"].append(sum(f["seconds"] for f in facts.values()) / len(facts))
         p = s.parse(s.generate(users_at[n], ["instant"], d, label=f"instant n={name[n]}"))
         lab.record(s, "default", cond, "instant", None, p["instant"], users_at[n])
         lab.done_with(d)

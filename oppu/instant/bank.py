@@ -10,11 +10,13 @@ bank user); the key hashes the base, the bank users' ids and content, the PEFT t
 settings, the prompt settings and the seed, so a cached bank is reused exactly when a rebuild
 would train the same modules. The tuned choice is cached beside it under its own key.
 
-    bank = open_bank(session, ["instant", "instant_rag"])      # trains or loads
-    config, state = bank.module_for(user.history)              # that user's instant module
+    bank = open_bank(session, ["instant", "instant_rag"])      # trains or loads, then tunes
+    with bank.scorer(session.model, session.tok, max_len=384) as sc:
+        config, state = bank.module_for(user.history, sc)      # that user's instant module
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -23,12 +25,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
+from oppu.data.users import User
 from oppu.engine import read_adapter
 from oppu.examples import variants_for
 from oppu.fingerprint import data_fingerprint, fingerprint
+from oppu.instant.grad import GradScorer
 from oppu.instant.mix import knn_weights, mix_modules, uniform_weights
 from oppu.instant.represent import HistoryVectors, history_text
-from oppu.instant.tune import heldout_losses, pick
+from oppu.instant.tune import LossScorer, heldout_losses, pick
 from oppu.store.files import safe_user_dir
 
 
@@ -42,19 +48,53 @@ class Bank:
     mix: str = "knn"
     top_k: int = 8
     temperature: float = 0.1
+    select: str = "tfidf"                # affinity: "loss" (needs a scorer and probe_fn) | "tfidf"
+    candidates: int = 16
+    probe_fn: Any = None                 # items -> the probe examples scored under candidate modules
     info: dict = dataclasses.field(default_factory=dict)
 
-    def weights_for(self, items: Sequence[dict], top_k: int | None = None,
-                    temperature: float | None = None) -> list[tuple[int, float]]:
+    def scorer(self, model, tok, max_len: int, tokens_per_forward: int = 1024):
+        """The context select="grad" (GradScorer) or "loss" (LossScorer: every bank module held in the
+        base) scores users in; a no-op for "tfidf"."""
+        cls = {"grad": GradScorer, "loss": LossScorer}.get(self.select)
+        return cls(model, tok, self.modules, max_len, tokens_per_forward) if cls else contextlib.nullcontext()
+
+    def affinities(self, items: Sequence[dict], scorer=None) -> np.ndarray:
+        """[n_bank] how well each bank module suits a user with these (their own) history items:
+        select="grad", the cosine of the module's weight change with the user's probe items' descent
+        direction (oppu.instant.grad); "tfidf", the TF-IDF cosine of the histories; "loss", minus the
+        mean loss of the probe items under each of the `candidates` most similar histories' modules
+        (-inf elsewhere)."""
+        if self.select != "tfidf" and (scorer is None or self.probe_fn is None):
+            raise ValueError(f"select={self.select!r} needs an open bank.scorer(...) and probe_fn")
+        if self.select == "grad":
+            return scorer.affinities(self.probe_fn(items))
+        sims = self.matrix @ self.vectors.vector(history_text(self.task, items))
+        if self.select == "tfidf":
+            return sims
+        cands = knn_weights(sims, min(self.candidates, len(self.ids)), 1.0)
+        aff = np.full(len(self.ids), -np.inf)
+        idx = [i for i, _ in cands]
+        aff[idx] = [-x for x in scorer.losses(self.probe_fn(items), idx)]
+        return aff
+
+    def weights_from(self, aff: np.ndarray, top_k: int | None = None,
+                     temperature: float | None = None) -> list[tuple[int, float]]:
+        if self.mix == "uniform":
+            return uniform_weights(len(self.ids))
+        return knn_weights(aff, min(top_k or self.top_k, len(self.ids)), temperature or self.temperature)
+
+    def weights_for(self, items: Sequence[dict], scorer=None, **kw) -> list[tuple[int, float]]:
         """[(bank index, weight)] for a user with these history items (their own items only)."""
         if self.mix == "uniform":
             return uniform_weights(len(self.ids))
-        sims = self.matrix @ self.vectors.vector(history_text(self.task, items))
-        return knn_weights(sims, min(top_k or self.top_k, len(self.ids)), temperature or self.temperature)
+        return self.weights_from(self.affinities(items, scorer), **kw)
 
-    def module_for(self, items: Sequence[dict], **kw) -> tuple:
-        w = self.weights_for(items, **kw)
+    def mixed(self, w: Sequence[tuple[int, float]]) -> tuple:
         return mix_modules([self.modules[i] for i, _ in w], [x for _, x in w])
+
+    def module_for(self, items: Sequence[dict], scorer=None, **kw) -> tuple:
+        return self.mixed(self.weights_for(items, scorer, **kw))
 
 
 def split_users(others: Sequence, icfg, seed: int) -> tuple[list, list]:
@@ -100,7 +140,9 @@ def open_bank(s, methods: Sequence[str]) -> Bank:
     modules = [read_adapter(root / safe_user_dir(u)) for u in meta["ids"]]
     texts = [history_text(s.task, u.history) for u in _cut(s, bank_users)]
     hv = HistoryVectors(texts)
-    bank = Bank(s.task, meta["ids"], modules, hv, hv.matrix(texts), c.instant.mix,
+    ic = c.instant
+    bank = Bank(s.task, meta["ids"], modules, hv, hv.matrix(texts), ic.mix, select=ic.select, candidates=ic.candidates,
+                probe_fn=lambda items: s.p.examples(User("probe", list(items[-ic.probe_items:]), []), ["plain"]),
                 info={"dir": str(root), "cached": cached, "users": len(meta["ids"]), "train_s": meta["train_s"],
                       "val_users": len(val_users)})
     if c.instant.mix == "knn":
@@ -118,7 +160,8 @@ def tune(s, bank: Bank, root: Path, val_users: Sequence, variants: Sequence[str]
         bank.info["choice"] = {"top_k": bank.top_k, "temperature": bank.temperature,
                                "by": "first candidate (no validation users)"}
         return
-    key = fingerprint({"val": data_fingerprint(val_users), "grid": grid, "n": icfg.val_items, "variants": variants})
+    key = fingerprint({"val": data_fingerprint(val_users), "grid": grid, "n": icfg.val_items, "variants": variants,
+                       "select": icfg.select, "candidates": icfg.candidates, "probe": icfg.probe_items})
     path = root / f"tune-{key}.json"
     if not path.exists():
         t0 = time.perf_counter()
@@ -127,9 +170,11 @@ def tune(s, bank: Bank, root: Path, val_users: Sequence, variants: Sequence[str]
             keep = {f"item:{it['id']}" for it in u.history[-icfg.val_items:]}
             seen[u.user_id] = u.history[:-icfg.val_items]
             held[u.user_id] = [e for e in s.examples(u, variants) if e.source in keep]
+        with bank.scorer(s.model, s.tok, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward) as sc:
+            aff = {uid: bank.affinities(items, sc) for uid, items in seen.items()}
         table = {}
         for k, t in grid:
-            mods = {uid: bank.module_for(seen[uid], top_k=k, temperature=t) for uid in seen}
+            mods = {uid: bank.mixed(bank.weights_from(aff[uid], k, t)) for uid in seen}
             losses = heldout_losses(s.model, s.tok, mods, held, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward)
             table[(k, t)] = sum(losses.values()) / len(losses)
         k, t = pick(table)

@@ -27,11 +27,13 @@ MIXABLE = ("LORA", "IA3")
 
 
 def knn_weights(sims: np.ndarray, top_k: int, temperature: float) -> list[tuple[int, float]]:
-    """The top_k most similar bank entries (ties: lower index first) with softmax(sim / temperature)
-    weights; sims [n_bank] cosine similarities."""
+    """The top_k bank entries of highest affinity (ties: lower index first) with softmax(affinity /
+    temperature) weights; sims [n_bank] affinities (cosine similarity, or minus a loss), -inf for
+    entries that were not candidates."""
     if temperature <= 0 or top_k < 1:
         raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k}, {temperature}")
-    order = sorted(range(len(sims)), key=lambda i: (-float(sims[i]), i))[:top_k]
+    finite = [i for i in range(len(sims)) if np.isfinite(sims[i])]
+    order = sorted(finite, key=lambda i: (-float(sims[i]), i))[:top_k]
     z = np.array([float(sims[i]) for i in order]) / temperature
     e = np.exp(z - z.max())
     return [(i, float(x)) for i, x in zip(order, e / e.sum())]
