@@ -226,7 +226,8 @@ def _build(cls, data: dict[str, Any]):
         elif k == "user_train":
             v = _build(UserTrainConfig, v or {})
         elif k == "instant":
-            v = _build(InstantConfig, {n: tuple(x) if isinstance(x, list) else x for n, x in (v or {}).items()})
+            v = _build(InstantConfig, {n: tuple(x) if isinstance(x, (list, tuple)) else (x,) if n in ("top_k", "temperature")
+                                       else x for n, x in (v or {}).items()})
         elif k == "methods" and isinstance(v, str):
             v = tuple(m.strip() for m in v.split(",") if m.strip())
         elif k == "methods":
