@@ -169,7 +169,9 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
         out: str = typer.Option("runs/oppu", help="output directory"),
         base: Optional[str] = typer.Option(None, help="'tiny' (default; 'tiny:small' etc.), 'smollm2' (SmolLM2-135M-"
                                                       "Instruct from its PyPI wheel), a .gguf file or a local HF model dir"),
-        methods: Optional[str] = typer.Option(None, help="comma list of: non_personalized,rag,pag,oppu,oppu_rag,oppu_pag"),
+        methods: Optional[str] = typer.Option(None, help="comma list of: non_personalized,rag,pag,oppu,oppu_rag,oppu_pag "
+                                                         "(the default), instant,instant_rag,instant_pag (a module mixed "
+                                                         "from a bank of other users' modules, no per-user training)"),
         peft: Optional[str] = typer.Option(None, help="lora | prompt_tuning | ia3"),
         retriever: Optional[str] = typer.Option(None, help="bm25 | dense | recency"),
         k: Optional[int] = typer.Option(None, help="retrieved history items per prompt"),
@@ -205,7 +207,7 @@ def run(task: str = typer.Option(..., help="LaMP task id (or a registered task)"
 
 @app.command()
 def experiment(name: str = typer.Argument(..., help="methods | peft-types | activity | shift | history-format | "
-                                                    "cold-start | k"),
+                                                    "cold-start | k | instant"),
                task: str = typer.Option("LaMP_2M", help="LaMP task id"),
                data: Optional[str] = typer.Option(None, help="LaMP directory (with --all-tasks: DIR/<task>/ each)"),
                synth: bool = typer.Option(False, "--synth", help="use the embedded synthetic worlds instead of --data"),
@@ -218,7 +220,7 @@ def experiment(name: str = typer.Argument(..., help="methods | peft-types | acti
                base_epochs: Optional[int] = typer.Option(None, help="task-adaptation epochs (default: the base's)"),
                user_epochs: Optional[int] = typer.Option(None, help="per-user PEFT epochs"),
                buckets: int = typer.Option(3, help="activity / shift on real data: number of buckets"),
-               levels: Optional[str] = typer.Option(None, help="cold-start: history sizes; k: depths (comma list)"),
+               levels: Optional[str] = typer.Option(None, help="cold-start, instant: history sizes; k: depths (comma list)"),
                seed: int = typer.Option(0, help="base seed; per-user seeds are seed, seed+1, ..."),
                executor: Optional[str] = typer.Option(None, help="per-user training: batched (default) | local | "
                                                                  "ray"),

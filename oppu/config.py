@@ -18,8 +18,14 @@ import yaml
 
 TOKENS_PER_FORWARD = 1024  # batched training: padded tokens per forward; a step's rows go in length-sorted chunks
 
-METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")
-ADAPTER_METHODS = ("oppu", "oppu_rag", "oppu_pag")   # the methods that plug in each user's module
+DEFAULT_METHODS = ("non_personalized", "rag", "pag", "oppu", "oppu_rag", "oppu_pag")   # what `oppu run` runs
+ADAPTER_METHODS = ("oppu", "oppu_rag", "oppu_pag")   # the methods that plug in each user's trained module
+# the methods that plug in each user's instant module, mixed from a bank of other users' (oppu.instant)
+INSTANT_METHODS = ("instant", "instant_rag", "instant_pag")
+METHODS = DEFAULT_METHODS + INSTANT_METHODS
+USER_MODULE_METHODS = ADAPTER_METHODS + INSTANT_METHODS   # every method whose rows carry a user module
+INSTANT_MIXES = ("knn", "uniform")
+INSTANT_SELECTS = ("grad", "loss", "tfidf")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
@@ -62,12 +68,44 @@ class UserTrainConfig:
 
 
 @dataclass(frozen=True)
+class InstantConfig:
+    """Instant adapters (oppu.instant): a new user's module mixed from a bank of modules trained
+    once on other (non-test) users: the bank modules that best explain the user's own latest items."""
+    bank_users: int = 64                 # non-test users whose modules form the bank
+    val_users: int = 16                  # other non-test users (not in the bank) that pick top_k/temperature
+    val_items: int = 2                   # each validation user's last N items: held out, scored by loss
+    top_k: tuple[int, ...] = (1, 4, 8, 16)                    # grid: bank modules mixed per user
+    temperature: tuple[float, ...] = (0.01, 0.03, 0.1, 1.0)   # grid: softmax(affinity / temperature)
+    mix: str = "knn"                     # knn (the top_k by affinity) | uniform (the whole bank, no user signal)
+    # affinity of a bank module to a user: grad (cosine of its weight change with the user's probe items'
+    # descent direction, one backward) | loss (the probe items' loss under it) | tfidf (history text cosine)
+    select: str = "grad"
+    candidates: int = 16                 # select=loss: modules scored, the most similar histories (TF-IDF) first
+    probe_items: int = 8                 # select=grad|loss: the user's most recent N items (plain prompt)
+
+    def __post_init__(self) -> None:
+        if self.mix not in INSTANT_MIXES:
+            raise ValueError(f"unknown instant.mix {self.mix!r}; valid: {', '.join(INSTANT_MIXES)}")
+        if self.select not in INSTANT_SELECTS:
+            raise ValueError(f"unknown instant.select {self.select!r}; valid: {', '.join(INSTANT_SELECTS)}")
+        if self.candidates < 1 or self.probe_items < 1:
+            raise ValueError(f"instant: candidates and probe_items must be >= 1 (got {self.candidates}, "
+                             f"{self.probe_items})")
+        if self.bank_users < 1 or self.val_users < 0 or self.val_items < 1:
+            raise ValueError(f"instant: bank_users >= 1, val_users >= 0, val_items >= 1 (got {self.bank_users}, "
+                             f"{self.val_users}, {self.val_items})")
+        if not self.top_k or min(self.top_k) < 1 or not self.temperature or min(self.temperature) <= 0:
+            raise ValueError(f"instant: top_k candidates must be >= 1 and temperatures > 0 (got {self.top_k}, "
+                             f"{self.temperature})")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str = "LaMP_2M"
     data: str = ""                     # LaMP directory; "" = synthesize the embedded default world
     out: str = "runs/oppu"
     base: str = "tiny"                 # "tiny", a tiny preset name ("tiny:small"), or a local HF dir
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     peft: str = "lora"
     retriever: str = "bm25"
     k: int = 2
@@ -91,6 +129,7 @@ class RunConfig:
     max_history_items: int = 0         # per-user training: the most recent N history items (0 = all)
     base_train: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     user_train: UserTrainConfig = field(default_factory=UserTrainConfig)
+    instant: InstantConfig = field(default_factory=InstantConfig)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -187,6 +226,9 @@ def _build(cls, data: dict[str, Any]):
             v = _build(BaseTrainConfig, v or {})
         elif k == "user_train":
             v = _build(UserTrainConfig, v or {})
+        elif k == "instant":
+            v = _build(InstantConfig, {n: tuple(x) if isinstance(x, (list, tuple)) else (x,) if n in ("top_k", "temperature")
+                                       else x for n, x in (v or {}).items()})
         elif k == "methods" and isinstance(v, str):
             v = tuple(m.strip() for m in v.split(",") if m.strip())
         elif k == "methods":

@@ -1,7 +1,8 @@
 """Turn users into (prompt, target) examples: pure, no disk, no model.
 
-Three prompt variants serve the six methods:
-  plain -> non_personalized, oppu          rag -> rag, oppu_rag          pag -> pag, oppu_pag
+Three prompt variants serve the methods:
+  plain -> non_personalized, oppu, instant     rag -> rag, oppu_rag, instant_rag
+  pag -> pag, oppu_pag, instant_pag
 
 - History examples (per-user PEFT training, and base adaptation on other users): item i becomes
   one example per variant; in the rag variant item i may only retrieve items[:i] (never itself,
@@ -24,7 +25,8 @@ from oppu.tasks.base import Item, Task
 
 VARIANTS = ("plain", "rag", "pag")
 METHOD_VARIANT = {"non_personalized": "plain", "rag": "rag", "pag": "pag",
-                  "oppu": "plain", "oppu_rag": "rag", "oppu_pag": "pag"}
+                  "oppu": "plain", "oppu_rag": "rag", "oppu_pag": "pag",
+                  "instant": "plain", "instant_rag": "rag", "instant_pag": "pag"}
 ProfileFn = Callable[[list[Item]], str]
 PAUSE_EVERY = 64  # history items between pause() calls in history_examples
 

@@ -9,6 +9,7 @@ Writes under cfg.out:
   metrics.json                {method: {metric: value}}, by oppu.metrics.score
   run.json                    config, timings, base/adapter/profile facts, losses
   adapters/<user>/            that user's PEFT module (adapter_config.json + adapter_model.safetensors)
+  instant_adapters/<user>/    that user's instant module (methods instant*), mixed from the bank (oppu.instant)
   report.md, methods.png      the table and the plot
 """
 from __future__ import annotations
@@ -19,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from oppu.config import RunConfig
+from oppu.config import ADAPTER_METHODS, INSTANT_METHODS, RunConfig
 from oppu.data.lamp import write_json_atomic, write_outputs
-from oppu.config import ADAPTER_METHODS
 
 
 @dataclass
@@ -51,10 +51,25 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
         user_info = s.train(test, adapters_dir, adapter_methods)
         timings["per_user_train_s"] = round(time.time() - t0, 1)
         log(f"adapters: trained {len(test)} {cfg.peft} modules in {timings['per_user_train_s']}s")
+    seconds_per_user = {"oppu": next(iter(user_info.values()))["seconds"]} if user_info else {}
 
-    # Inference: shared-base methods in one batch set, adapter methods in mixed-adapter batches.
+    # Instant modules: mixed from a bank trained once per base on other users (its time kept apart).
+    instant_methods = [m for m in cfg.methods if m in INSTANT_METHODS]
+    instant_info: dict[str, Any] = {}
+    if instant_methods:
+        from oppu.instant import instant_stage
+        t0 = time.time()
+        instant_info = instant_stage(s, test, out / "instant_adapters", instant_methods)
+        timings["instant_bank_s"] = instant_info["bank"]["open_s"]
+        timings["instant_s"] = round(time.time() - t0, 2)
+        seconds_per_user["instant"] = instant_info["seconds_per_user"]
+        log(f"instant: {len(test)} modules in {seconds_per_user['instant']}s per user (bank: "
+            f"{'cached' if instant_info['bank']['cached'] else 'trained'}, {timings['instant_bank_s']}s)")
+
+    # Inference: shared-base methods in one batch set, user-module methods in mixed-adapter batches.
     t0 = time.time()
-    raw = s.generate(test, cfg.methods, adapters_dir if adapter_methods else None)
+    raw = s.generate(test, cfg.methods, adapters_dir if adapter_methods else None,
+                     instant_dir=out / "instant_adapters" if instant_methods else None)
     timings["inference_s"] = round(time.time() - t0, 1)
 
     # Parse, write, score.
@@ -72,7 +87,7 @@ def run(cfg: RunConfig, progress=None, log: Callable[[str], None] = lambda s: No
     info = {"config": cfg.to_dict(), "task": task.id, "data": s.data_root, "test_users": len(test),
             "questions": len(order), "other_users": len(s.others), "profile_kind": s.profile_kind,
             "base": s.base_info, "users": user_info, "timings": timings, "skipped_records": s.skipped,
-            "spread": spread}
+            "spread": spread, "seconds_per_user": seconds_per_user, "instant": instant_info}
     write_json_atomic(out / "run.json", info)
     from oppu.report import write_report
     write_report(out, task.id, metrics, info)

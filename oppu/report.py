@@ -55,7 +55,8 @@ def plot_methods(metrics: dict[str, dict[str, float]], task: str, path: Path) ->
     methods = list(metrics)
     keys = list(next(iter(metrics.values())).keys())
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    colors = ["#9e9e9e" if not m.startswith("oppu") else "#1f77b4" for m in methods]
+    colors = ["#1f77b4" if m.startswith("oppu") else "#2ca02c" if m.startswith("instant") else "#9e9e9e"
+              for m in methods]
     for ax, k in zip(axes[0], keys):
         vals = [metrics[m][k] for m in methods]
         bars = ax.bar(range(len(methods)), vals, color=colors)
@@ -81,6 +82,12 @@ def write_report(out: Path, task: str, metrics: dict[str, dict[str, float]], inf
         first = sum(x[0] for x in losses) / len(losses)
         last = sum(x[-1] for x in losses) / len(losses)
         loss_line = f"- per-user training loss (mean over users): {first:.3f} -> {last:.3f}\n"
+    spu = info.get("seconds_per_user") or {}
+    if spu:
+        bank = (info.get("instant") or {}).get("bank") or {}
+        loss_line += "- seconds per user: " + ", ".join(f"{m} {v}" for m, v in spu.items()) + (
+            f" (instant: bank of {bank.get('users')} users, {'cached' if bank.get('cached') else 'trained'}, "
+            f"{bank.get('mix')} top_k={bank.get('top_k')} temperature={bank.get('temperature')})\n" if bank else "\n")
     text = f"""# oppu run: {task}
 
 {metrics_table(metrics)}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from oppu.config import ADAPTER_METHODS, RunConfig, UserTrainConfig
+from oppu.config import ADAPTER_METHODS, INSTANT_METHODS, USER_MODULE_METHODS, RunConfig, UserTrainConfig
 from oppu.data.lamp import TASK_IDS
 from oppu.data.users import User, load_lamp_dir
 from oppu.examples import METHOD_VARIANT, Example, prefetch_profiles, variants_for
@@ -116,7 +116,7 @@ class Session:
         c = self.cfg
         peft, ucfg = peft or c.peft, user_train or c.user_train
         seed = c.seed if seed is None else seed
-        variants = variants_for([m for m in (methods or c.methods) if m in ADAPTER_METHODS] or ["oppu"])
+        variants = variants_for([m for m in (methods or c.methods) if m in USER_MODULE_METHODS] or ["oppu"])
         exs_by_user = {}
         users_cut = [dataclasses.replace(u, history=u.history[-c.max_history_items:])  # the most recent items
                      if c.max_history_items and len(u.history) > c.max_history_items else u for u in users]
@@ -162,30 +162,38 @@ class Session:
         return {m: by_variant[METHOD_VARIANT[m]] for m in methods}
 
     def generate(self, users: Sequence[User], methods: Sequence[str], adapters_dir: str | Path | None = None,
-                 k: int | None = None, label: str = "inference") -> dict[str, dict[str, str]]:
+                 k: int | None = None, label: str = "inference",
+                 instant_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
         """Raw generated text {method: {question id: text}} through the one decoder: shared-base
-        methods as plain rows, adapter methods in mixed-adapter batches (each row its own user's
-        module), `users_per_generate` users' adapters loaded at a time so memory stays bounded."""
-        c = self.cfg
+        methods as plain rows, user-module methods in mixed-adapter batches (each row its own user's
+        module: oppu* from adapters_dir, instant* from instant_dir, or from adapters_dir when only
+        instant methods are asked for), `users_per_generate` users' modules loaded at a time."""
         prompts = self.prompts(users, methods, k)
         raw: dict[str, dict[str, str]] = {m: {} for m in methods}
         it = self.progress.add_task(label, total=sum(len(u.queries) for u in users) * len(methods))
         step = lambda n: self.progress.advance(it, n)  # noqa: E731
-        flat = [(m, qid, p) for m in methods if m not in ADAPTER_METHODS for qid, p in prompts[m].items()]
+        flat = [(m, qid, p) for m in methods if m not in USER_MODULE_METHODS for qid, p in prompts[m].items()]
         for (m, qid, _), t in zip(flat, self.p.generate([p for _, _, p in flat], progress=step)):
             raw[m][qid] = t
-        adapter_methods = [m for m in methods if m in ADAPTER_METHODS]
-        if adapter_methods and adapters_dir is None:
-            raise ValueError(f"methods {adapter_methods} need the users' adapters (adapters_dir)")
-        for g0 in range(0, len(users) if adapter_methods else 0, c.users_per_generate):
-            grp = users[g0:g0 + c.users_per_generate]
-            rows = [(m, u.user_id, q.id, prompts[m][q.id]) for u in grp for m in adapter_methods for q in u.queries]
+        trained = [m for m in methods if m in ADAPTER_METHODS]
+        instant = [m for m in methods if m in INSTANT_METHODS]
+        for ms, d in ((trained, adapters_dir), (instant, instant_dir if trained or instant_dir else adapters_dir)):
+            if ms and d is None:
+                need = "instant_dir" if ms is instant else "adapters_dir"
+                raise ValueError(f"methods {ms} need the users' adapters ({need})")
+            if ms:
+                self._generate_modules(users, ms, prompts, Path(d), raw, step)
+        return raw
+
+    def _generate_modules(self, users: Sequence[User], methods: Sequence[str], prompts: dict, adapters_dir: Path,
+                          raw: dict, step: Callable[[int], None]) -> None:
+        for g0 in range(0, len(users), self.cfg.users_per_generate):
+            grp = users[g0:g0 + self.cfg.users_per_generate]
+            rows = [(m, u.user_id, q.id, prompts[m][q.id]) for u in grp for m in methods for q in u.queries]
             texts = self.p.generate([p for *_, p in rows], [uid for _, uid, _, _ in rows],
-                                    {u.user_id: Path(adapters_dir) / safe_user_dir(u.user_id) for u in grp},
-                                    progress=step)
+                                    {u.user_id: adapters_dir / safe_user_dir(u.user_id) for u in grp}, progress=step)
             for (m, _, qid, _), t in zip(rows, texts):
                 raw[m][qid] = t
-        return raw
 
     def parse(self, raw: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
         return {m: {qid: self.task.parse(t) for qid, t in r.items()} for m, r in raw.items()}

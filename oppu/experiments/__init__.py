@@ -10,13 +10,13 @@ from typing import Any, Callable
 
 from oppu.experiments.common import ExpOptions, Lab
 
-NAMES = ("methods", "peft-types", "activity", "shift", "history-format", "cold-start", "k")
+NAMES = ("methods", "peft-types", "activity", "shift", "history-format", "cold-start", "k", "instant")
 
 
 def _module(name: str):
     import importlib
     mod = {"methods": "methods", "peft-types": "peft_types", "activity": "activity", "shift": "shift",
-           "history-format": "history_format", "cold-start": "cold_start", "k": "k_sweep"}[name]
+           "history-format": "history_format", "cold-start": "cold_start", "k": "k_sweep", "instant": "instant"}[name]
     return importlib.import_module(f"oppu.experiments.{mod}")
 
 

@@ -6,7 +6,7 @@ a world whose test users span the whole history range), then cut into `--buckets
 near-equal size by history length. The paper reports OPPU helps users at every activity level."""
 from __future__ import annotations
 
-from oppu.config import METHODS
+from oppu.config import DEFAULT_METHODS as METHODS
 from oppu.experiments.common import Lab, improvement, primary_metric
 from oppu.experiments.plots import bars
 from oppu.config import ADAPTER_METHODS

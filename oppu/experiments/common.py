@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from oppu.config import METHODS, load_config
+from oppu.config import DEFAULT_METHODS, load_config
 from oppu.data.lamp import write_json_atomic, write_outputs
 from oppu.metrics import METRIC_KEYS, higher_is_better
 from oppu.config import ADAPTER_METHODS
@@ -124,7 +124,7 @@ class Lab:
     def config(self, task: str, data: Path):
         o = self.opts
         kw = {"task": task, "data": str(data), "out": str(self.out), "base": o.base, "test_users": o.test_users,
-              "methods": METHODS, "base_train.epochs": o.base_epochs, **o.overrides}
+              "methods": DEFAULT_METHODS, "base_train.epochs": o.base_epochs, **o.overrides}
         return load_config(None, **kw)
 
     def data_dir(self, task: str, world: str = "default", **synth_kw: Any) -> Path:

@@ -4,7 +4,7 @@ The paper's main result: OPPU, alone and with retrieval (RAG) or a profile (PAG)
 non-personalized base and the prompt-only baselines on LaMP's seven tasks."""
 from __future__ import annotations
 
-from oppu.config import METHODS
+from oppu.config import DEFAULT_METHODS as METHODS
 from oppu.data.lamp import TASK_IDS
 from oppu.experiments.common import Lab, clear_gain, fmt, improvement, primary_metric
 from oppu.experiments.plots import bars

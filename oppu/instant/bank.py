@@ -1,0 +1,185 @@
+"""The adapter bank: one module per bank user, trained once per task-adapted base and cached.
+
+Bank and validation users are drawn (seeded) from the non-test users with at least
+`val_items + 1` history items: the first `bank_users` form the bank, the next `val_users` pick
+(top_k, temperature) by held-out loss (oppu.instant.tune). Bank modules are trained by the same
+batched engine as OPPU (Session.train), on the prompt variants the instant methods serve.
+
+Cached under the base's own cache dir, `<base>/instant/bank-<key>/` (bank.json + one PEFT dir per
+bank user); the key hashes the base, the bank users' ids and content, the PEFT type and training
+settings, the prompt settings and the seed, so a cached bank is reused exactly when a rebuild
+would train the same modules. The tuned choice is cached beside it under its own key.
+
+    bank = open_bank(session, ["instant", "instant_rag"])      # trains or loads, then tunes
+    with bank.scorer(session.model, session.tok, max_len=384) as sc:
+        config, state = bank.module_for(user.history, sc)      # that user's instant module
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from oppu.data.users import User
+from oppu.engine import read_adapter
+from oppu.examples import variants_for
+from oppu.fingerprint import data_fingerprint, fingerprint
+from oppu.instant.grad import GradScorer
+from oppu.instant.mix import knn_weights, mix_modules, uniform_weights
+from oppu.instant.represent import HistoryVectors, history_text
+from oppu.instant.tune import LossScorer, heldout_losses, pick
+from oppu.store.files import safe_user_dir
+
+
+@dataclasses.dataclass
+class Bank:
+    task: Any
+    ids: list[str]
+    modules: list[tuple]                 # (PEFT config, state) per bank user, in ids order
+    vectors: HistoryVectors
+    matrix: Any                          # [n_bank, V] the bank users' history vectors
+    mix: str = "knn"
+    top_k: int = 8
+    temperature: float = 0.1
+    select: str = "tfidf"                # affinity: "loss" (needs a scorer and probe_fn) | "tfidf"
+    candidates: int = 16
+    probe_fn: Any = None                 # items -> the probe examples scored under candidate modules
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def scorer(self, model, tok, max_len: int, tokens_per_forward: int = 1024):
+        """The context select="grad" (GradScorer) or "loss" (LossScorer: every bank module held in the
+        base) scores users in; a no-op for "tfidf"."""
+        cls = {"grad": GradScorer, "loss": LossScorer}.get(self.select)
+        return cls(model, tok, self.modules, max_len, tokens_per_forward) if cls else contextlib.nullcontext()
+
+    def affinities(self, items: Sequence[dict], scorer=None) -> np.ndarray:
+        """[n_bank] how well each bank module suits a user with these (their own) history items:
+        select="grad", the cosine of the module's weight change with the user's probe items' descent
+        direction (oppu.instant.grad); "tfidf", the TF-IDF cosine of the histories; "loss", minus the
+        mean loss of the probe items under each of the `candidates` most similar histories' modules
+        (-inf elsewhere)."""
+        if self.select != "tfidf" and (scorer is None or self.probe_fn is None):
+            raise ValueError(f"select={self.select!r} needs an open bank.scorer(...) and probe_fn")
+        if self.select == "grad":
+            return scorer.affinities(self.probe_fn(items))
+        sims = self.matrix @ self.vectors.vector(history_text(self.task, items))
+        if self.select == "tfidf":
+            return sims
+        cands = knn_weights(sims, min(self.candidates, len(self.ids)), 1.0)
+        aff = np.full(len(self.ids), -np.inf)
+        idx = [i for i, _ in cands]
+        aff[idx] = [-x for x in scorer.losses(self.probe_fn(items), idx)]
+        return aff
+
+    def weights_from(self, aff: np.ndarray, top_k: int | None = None,
+                     temperature: float | None = None) -> list[tuple[int, float]]:
+        if self.mix == "uniform":
+            return uniform_weights(len(self.ids))
+        return knn_weights(aff, min(top_k or self.top_k, len(self.ids)), temperature or self.temperature)
+
+    def weights_for(self, items: Sequence[dict], scorer=None, **kw) -> list[tuple[int, float]]:
+        """[(bank index, weight)] for a user with these history items (their own items only)."""
+        if self.mix == "uniform":
+            return uniform_weights(len(self.ids))
+        return self.weights_from(self.affinities(items, scorer), **kw)
+
+    def mixed(self, w: Sequence[tuple[int, float]]) -> tuple:
+        return mix_modules([self.modules[i] for i, _ in w], [x for _, x in w])
+
+    def module_for(self, items: Sequence[dict], scorer=None, **kw) -> tuple:
+        return self.mixed(self.weights_for(items, scorer, **kw))
+
+
+def split_users(others: Sequence, icfg, seed: int) -> tuple[list, list]:
+    """(bank users, validation users): a seeded draw from the non-test users with enough history."""
+    pool = sorted((u for u in others if len(u.history) > icfg.val_items), key=lambda u: u.user_id)
+    random.Random(seed).shuffle(pool)
+    if not pool:
+        raise ValueError(f"no non-test user has more than {icfg.val_items} history items to build an adapter bank")
+    return pool[:icfg.bank_users], pool[icfg.bank_users:icfg.bank_users + icfg.val_users]
+
+
+def _cut(s, users: Sequence) -> list:
+    n = s.cfg.max_history_items
+    return [dataclasses.replace(u, history=u.history[-n:]) if n and len(u.history) > n else u for u in users]
+
+
+def open_bank(s, methods: Sequence[str]) -> Bank:
+    """The bank for session `s` (trained and cached on first use), tuned on its validation users."""
+    c, t0 = s.cfg, time.perf_counter()
+    bank_users, val_users = split_users(s.others, c.instant, c.seed)
+    variants = variants_for(methods)
+    key = fingerprint({"base": Path(s.base_info["path"]).name, "ids": [u.user_id for u in bank_users],
+                       "data": data_fingerprint(bank_users), "peft": c.peft, "ut": c.user_train, "seed": c.seed,
+                       "variants": variants, "k": c.k, "retriever": c.retriever, "style": c.prompt_style,
+                       "profile": s.profile_kind, "max_len": c.max_prompt_tokens, "cut": c.max_history_items, "v": 1})
+    root = Path(s.base_info["path"]) / "instant" / f"bank-{key}"
+    if not (root / "bank.json").exists():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        s.log(f"instant: training the adapter bank ({len(bank_users)} non-test users, {c.peft})")
+        t1 = time.perf_counter()
+        facts = s.train(bank_users, tmp, list(methods), label="instant bank")
+        meta = {"ids": [u.user_id for u in bank_users], "train_s": round(time.perf_counter() - t1, 2),
+                "losses": {u: f["losses"] for u, f in facts.items()}}
+        (tmp / "bank.json").write_text(json.dumps(meta))
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        cached = False
+    else:
+        s.log(f"instant: reusing the cached adapter bank {root}")
+        cached = True
+    meta = json.loads((root / "bank.json").read_text())
+    modules = [read_adapter(root / safe_user_dir(u)) for u in meta["ids"]]
+    texts = [history_text(s.task, u.history) for u in _cut(s, bank_users)]
+    hv = HistoryVectors(texts)
+    ic = c.instant
+    bank = Bank(s.task, meta["ids"], modules, hv, hv.matrix(texts), ic.mix, select=ic.select, candidates=ic.candidates,
+                probe_fn=lambda items: s.p.examples(User("probe", list(items[-ic.probe_items:]), []), ["plain"]),
+                info={"dir": str(root), "cached": cached, "users": len(meta["ids"]), "train_s": meta["train_s"],
+                      "val_users": len(val_users)})
+    if c.instant.mix == "knn":
+        tune(s, bank, root, val_users, variants)
+    bank.info["open_s"] = round(time.perf_counter() - t0, 2)
+    return bank
+
+
+def tune(s, bank: Bank, root: Path, val_users: Sequence, variants: Sequence[str]) -> None:
+    """Set bank.top_k / bank.temperature to the grid point with the lowest held-out loss (cached)."""
+    icfg = s.cfg.instant
+    grid = [(k, t) for k in icfg.top_k for t in icfg.temperature]
+    if not val_users:
+        bank.top_k, bank.temperature = grid[0]
+        bank.info["choice"] = {"top_k": bank.top_k, "temperature": bank.temperature,
+                               "by": "first candidate (no validation users)"}
+        return
+    key = fingerprint({"val": data_fingerprint(val_users), "grid": grid, "n": icfg.val_items, "variants": variants,
+                       "select": icfg.select, "candidates": icfg.candidates, "probe": icfg.probe_items})
+    path = root / f"tune-{key}.json"
+    if not path.exists():
+        t0 = time.perf_counter()
+        seen, held = {}, {}
+        for u in _cut(s, val_users):
+            keep = {f"item:{it['id']}" for it in u.history[-icfg.val_items:]}
+            seen[u.user_id] = u.history[:-icfg.val_items]
+            held[u.user_id] = [e for e in s.examples(u, variants) if e.source in keep]
+        with bank.scorer(s.model, s.tok, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward) as sc:
+            aff = {uid: bank.affinities(items, sc) for uid, items in seen.items()}
+        table = {}
+        for k, t in grid:
+            mods = {uid: bank.mixed(bank.weights_from(aff[uid], k, t)) for uid in seen}
+            losses = heldout_losses(s.model, s.tok, mods, held, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward)
+            table[(k, t)] = sum(losses.values()) / len(losses)
+        k, t = pick(table)
+        path.write_text(json.dumps({"top_k": k, "temperature": t, "seconds": round(time.perf_counter() - t0, 2),
+                                    "table": [[k_, t_, round(v, 5)] for (k_, t_), v in table.items()]}))
+    choice = json.loads(path.read_text())
+    bank.top_k, bank.temperature = choice["top_k"], choice["temperature"]
+    bank.info["choice"] = {**choice, "by": f"held-out loss on {len(val_users)} validation users"}

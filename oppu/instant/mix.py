@@ -1,0 +1,100 @@
+"""Mixing bank modules into one user's module: the weights, and the exact PEFT module they define.
+
+    w = knn_weights(sims, top_k=8, temperature=0.1)        # [(bank index, weight)], weights sum to 1
+    config, state = mix_modules([bank[i] for i, _ in w], [x for _, x in w])
+
+LoRA (exact): each bank module k adds delta_k = scale_k * B_k @ A_k to a layer; the mixture
+sum_k w_k * delta_k is itself a LoRA of rank sum_k r_k:
+
+    A = concat_k(w_k * scale_k * A_k)   [sum r_k, in]      B = concat_k(B_k)   [out, sum r_k]
+
+written with lora_alpha = r (scale 1), so PEFT and the engine apply exactly that sum. When the
+summed rank passes a layer's min(in, out), the delta is refactored by SVD to rank min(in, out),
+still exact (to float rounding); every layer must then end at one rank (a single `r` in the file).
+IA3: the weighted average of the scaling vectors (the same parameter-space mixture). Prompt
+tuning is refused: a mixture of soft prompts has no exact single-module form here.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+Module = tuple[object, Mapping[str, torch.Tensor]]   # (PEFT config, PEFT state dict)
+MIXABLE = ("LORA", "IA3")
+
+
+def knn_weights(sims: np.ndarray, top_k: int, temperature: float) -> list[tuple[int, float]]:
+    """The top_k bank entries of highest affinity (ties: lower index first) with softmax(affinity /
+    temperature) weights; sims [n_bank] affinities (cosine similarity, or minus a loss), -inf for
+    entries that were not candidates."""
+    if temperature <= 0 or top_k < 1:
+        raise ValueError(f"top_k must be >= 1 and temperature > 0, got {top_k}, {temperature}")
+    finite = [i for i in range(len(sims)) if np.isfinite(sims[i])]
+    order = sorted(finite, key=lambda i: (-float(sims[i]), i))[:top_k]
+    z = np.array([float(sims[i]) for i in order]) / temperature
+    e = np.exp(z - z.max())
+    return [(i, float(x)) for i, x in zip(order, e / e.sum())]
+
+
+def uniform_weights(n: int) -> list[tuple[int, float]]:
+    """Every bank entry at 1/n: the ablation with no user signal at all."""
+    return [(i, 1.0 / n) for i in range(n)]
+
+
+def _peft_type(config) -> str:
+    t = getattr(config, "peft_type", None)
+    return getattr(t, "value", t)
+
+
+def mix_modules(modules: Sequence[Module], weights: Sequence[float]) -> Module:
+    """The mixture of same-shaped bank modules under `weights` (summing to 1), as a PEFT module."""
+    if not modules or len(modules) != len(weights):
+        raise ValueError(f"need one weight per module, got {len(modules)} modules and {len(weights)} weights")
+    types = {_peft_type(c) for c, _ in modules}
+    if len(types) != 1 or not types <= set(MIXABLE):
+        raise ValueError(f"instant adapters mix {' or '.join(MIXABLE)} modules of one type; got "
+                         f"{sorted(map(str, types))} (prompt tuning is not covered)")
+    keys = set(modules[0][1])
+    if any(set(s) != keys for _, s in modules):
+        raise ValueError("bank modules target different layers; they must share one PEFT config")
+    return mix_lora(modules, weights) if types == {"LORA"} else mix_ia3(modules, weights)
+
+
+def mix_ia3(modules: Sequence[Module], weights: Sequence[float]) -> Module:
+    state = {k: sum(float(w) * s[k].double() for (_, s), w in zip(modules, weights)).to(v.dtype)
+             for k, v in modules[0][1].items()}
+    return copy.deepcopy(modules[0][0]), state
+
+
+def _scale(config, r: int) -> float:
+    return config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+
+
+def mix_lora(modules: Sequence[Module], weights: Sequence[float]) -> Module:
+    paths = sorted(k[:-len(".lora_A.weight")] for k in modules[0][1] if k.endswith(".lora_A.weight"))
+    pairs = {}
+    for p in paths:
+        a = torch.cat([float(w) * _scale(c, s[f"{p}.lora_A.weight"].shape[0]) * s[f"{p}.lora_A.weight"].double()
+                       for (c, s), w in zip(modules, weights)])                    # [sum r, in]
+        b = torch.cat([s[f"{p}.lora_B.weight"].double() for _, s in modules], dim=1)  # [out, sum r]
+        cap = min(a.shape[1], b.shape[0])
+        if a.shape[0] > cap:  # refactor the summed delta B @ A exactly at the layer's full rank
+            u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+            root = sv[:cap].sqrt()
+            a, b = root[:, None] * vh[:cap], u[:, :cap] * root[None, :]
+        pairs[p] = (a, b)
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"the mixture's layers end at different ranks {sorted(ranks)} (some layers are narrower "
+                         "than the summed rank); mix fewer modules (instant.top_k)")
+    r = ranks.pop()
+    dtype = next(iter(modules[0][1].values())).dtype
+    config = copy.deepcopy(modules[0][0])
+    config.r, config.lora_alpha, config.use_rslora = r, r, False
+    state = {}
+    for p, (a, b) in pairs.items():
+        state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = a.to(dtype), b.to(dtype)
+    return config, state
