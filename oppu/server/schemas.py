@@ -94,7 +94,7 @@ class ImportIn(_Strict):
 
 
 class RollbackIn(_Strict):
-    version: int = Field(ge=1, strict=True, description="an existing, intact version of the user")
+    version: int = Field(ge=1, le=2**31 - 1, strict=True, description="an existing, intact version of the user")
 
 
 class UserCreated(BaseModel):
