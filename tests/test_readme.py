@@ -64,6 +64,8 @@ def test_every_readme_command_runs(tmp_path, checkpoint):
         assert argv[0] == "oppu", cmd
         if argv[1] == "run":  # keep the real-checkpoint run small: the fixture has 6 dev users
             argv += ["--test-users", "2", "--base-epochs", "1", "--user-epochs", "1"]
+            if "smollm2" in argv:  # 135M parameters on 2 cores: 4 items per user, rule-based profiles (~70 s less)
+                argv += ["--max-history-items", "4", "--profile", "statistical"]
         if argv[1] == "experiment":  # the same command, at micro size
             argv += ["--test-users", "3", "--other-users", "8", "--seeds", "1", "--base-epochs", "1",
                      "--user-epochs", "1"] + ([] if "--base" in argv else ["--base", "tiny:micro"])
