@@ -27,6 +27,18 @@ def truncate(user: User, n: int) -> User:
                 user.items_by_id, user.split)
 
 
+def history_levels(lab: Lab, default: tuple[int, ...], kind: str):
+    """The set-up of an experiment by history size: (session, levels + ALL, {level: its name},
+    {level: the test users cut to it}); the test users registered as the "default" world."""
+    levels = tuple(sorted(set(lab.opts.levels or default))) + (ALL,)
+    if levels[0] < 1:
+        raise ValueError(f"{kind} levels must be >= 1 item, got {levels[0]}")
+    s = lab.session(lab.opts.task, lab.data_dir(lab.opts.task))
+    lab.register_world(s.task.id, "default", s.test)
+    name = {n: ("all" if n == ALL else str(n)) for n in levels}
+    return s, levels, name, {n: [truncate(u, n) for u in s.test] for n in levels}
+
+
 def auto_choice(history_len: int, threshold: float) -> str:
     """The `auto` policy: retrieval only below the threshold, OPPU with retrieval from it on."""
     return "rag" if history_len < threshold else "oppu_rag"
@@ -64,14 +76,8 @@ def crossover(summary: dict, labels: list[str], metric: str, a: str, b: str) -> 
 
 
 def run(lab: Lab) -> dict:
-    levels = tuple(sorted(set(lab.opts.levels or DEFAULT_LEVELS))) + (ALL,)
-    if levels[0] < 1:
-        raise ValueError(f"cold-start levels must be >= 1 item, got {levels[0]}")
-    s = lab.session(lab.opts.task, lab.data_dir(lab.opts.task))
+    s, levels, name, users_at = history_levels(lab, DEFAULT_LEVELS, "cold-start")
     tid = s.task.id
-    lab.register_world(tid, "default", s.test)
-    name = {n: ("all" if n == ALL else str(n)) for n in levels}
-    users_at = {n: [truncate(u, n) for u in s.test] for n in levels}
     # non_personalized does not read the history: one run serves every level
     base = s.parse(s.generate(s.test, ["non_personalized"], None, label="non_personalized"))
     rag = {}

@@ -10,7 +10,7 @@ The crossover is the smallest history size from which training (oppu) is at leas
 the instant module at every larger size: below it, training does not pay off here."""
 from __future__ import annotations
 
-from oppu.experiments.cold_start import ALL, crossover, truncate
+from oppu.experiments.cold_start import crossover, history_levels
 from oppu.experiments.common import Lab, fmt, improvement, primary_metric
 from oppu.experiments.plots import lines
 from oppu.report import axis_label
@@ -22,14 +22,8 @@ DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 def run(lab: Lab) -> dict:
     from oppu.instant import open_bank, write_instant
 
-    levels = tuple(sorted(set(lab.opts.levels or DEFAULT_LEVELS))) + (ALL,)
-    if levels[0] < 1:
-        raise ValueError(f"instant levels must be >= 1 item, got {levels[0]}")
-    s = lab.session(lab.opts.task, lab.data_dir(lab.opts.task))
+    s, levels, name, users_at = history_levels(lab, DEFAULT_LEVELS, "instant")
     tid = s.task.id
-    lab.register_world(tid, "default", s.test)
-    name = {n: ("all" if n == ALL else str(n)) for n in levels}
-    users_at = {n: [truncate(u, n) for u in s.test] for n in levels}
     bank = open_bank(s, ["instant"])
     lab.facts["instant_bank"] = {**bank.info, "top_k": bank.top_k, "temperature": bank.temperature}
     seconds: dict[str, dict[str, list[float]]] = {name[n]: {"instant": [], "oppu": []} for n in levels}
