@@ -98,15 +98,20 @@ def setup_users(c: httpx.Client, args, labels: list[str]) -> list[tuple[str, str
     return users
 
 
+def post_items(c: httpx.Client, uid: str, task: str, n: int, labels: list[str], rng: random.Random,
+               prefix: str) -> None:
+    """Add n generated history items to the user, in requests of at most 1000 items."""
+    for start in range(0, n, 1000):
+        c.post(f"/v1/users/{uid}/history", json={"task": task, "items": items(
+            rng, f"{prefix}{start}-", min(1000, n - start), labels)}).raise_for_status()
+
+
 def start_training(c: httpx.Client, args, labels: list[str]) -> str | None:
     """With --train-items N: another user's N-item training job, queued just before the load."""
     if not args.train_items:
         return None
     u = c.post("/v1/users").raise_for_status().json()
-    rng = random.Random(1)
-    for start in range(0, args.train_items, 1000):
-        c.post(f"/v1/users/{u['user_id']}/history", json={"task": args.task, "items": items(
-            rng, f"t{start}-", min(1000, args.train_items - start), labels)}).raise_for_status()
+    post_items(c, u["user_id"], args.task, args.train_items, labels, random.Random(1), "t")
     return c.post(f"/v1/users/{u['user_id']}/train").raise_for_status().json()["job_id"]
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 from _common import machine_info
-from load_server import WORDS, items, pct, start_server, stop_server
+from load_server import WORDS, items, pct, post_items, start_server, stop_server
 
 TASK = "LaMP_2M"
 
@@ -46,10 +46,7 @@ class Tenant:
         u = admin.post("/v1/users").raise_for_status().json()
         self.uid, self.token, self.url = u["user_id"], u["token"], url
         self.c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {self.token}"}, timeout=120)
-        rng = random.Random(prefix)
-        for start in range(0, n, 1000):
-            admin.post(f"/v1/users/{self.uid}/history", json={"task": TASK, "items": items(
-                rng, f"{prefix}{start}-", min(1000, n - start), labels)}).raise_for_status()
+        post_items(admin, self.uid, TASK, n, labels, random.Random(prefix), prefix)
         if train:
             job = admin.post(f"/v1/users/{self.uid}/train").raise_for_status().json()["job_id"]
             wait_job(admin, job)
@@ -170,9 +167,7 @@ def arms(args, url, admin, admin_token, store, labels):
     big = Tenant(url, admin, labels, "b", 8)
     # the big history goes in after its adapter is trained (a train on it would take the whole arm)
     rng = random.Random(3)
-    for start in range(0, args.big_history, 1000):
-        admin.post(f"/v1/users/{big.uid}/history", json={"task": TASK, "items": items(
-            rng, f"big{start}-", min(1000, args.big_history - start), labels)}).raise_for_status()
+    post_items(admin, big.uid, TASK, args.big_history, labels, rng, "big")
     big.c.post(f"/v1/users/{big.uid}/generate", json=gen_body(rng))  # its history loaded once, before the arm
     out.append(("history", history_loop(big)))
     trainee = Tenant(url, admin, labels, "t", args.train_items, train=False)
