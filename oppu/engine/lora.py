@@ -20,6 +20,11 @@ from oppu.engine.layers import LayerBank, new_bank
 PREFIX = "base_model.model."
 
 
+def lora_scale(config, r: int) -> float:
+    """What PEFT multiplies a rank-r LoRA delta B @ A by: lora_alpha / r (rsLoRA: / sqrt(r))."""
+    return config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+
+
 class RowLoRA(torch.autograd.Function):
     """delta[n] = (x[n] @ A[s]^T @ B[s]^T) * scale[s] with s = rows[n]: each row through its own slot.
 
@@ -143,7 +148,7 @@ class LoRABank(LayerBank):
             with torch.no_grad():
                 part.A[slot, :r] = a.to(part.A)
                 part.B[slot, :, :r] = b.to(part.B)
-            part.scale[slot] = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+            part.scale[slot] = lora_scale(config, r)
             ranks[path] = r
         return ranks
 

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from oppu.engine.lora import PREFIX
+from oppu.engine.lora import PREFIX, lora_scale
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def merge_lora(base, config, state: Mapping[str, torch.Tensor]) -> int:
         path = key[len(PREFIX):-len(".lora_A.weight")]
         b = state[f"{PREFIX}{path}.lora_B.weight"]
         r = a.shape[0]
-        scale = config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
+        scale = lora_scale(config, r)
         w = base.get_submodule(path).weight
         w += (b.to(torch.float32) @ a.to(torch.float32) * scale).to(w.dtype).to(w.device)
         n += 1

@@ -2,11 +2,13 @@
 
 A bank of modules is trained once per task-adapted base on non-test users (oppu.instant.bank, the
 same batched engine as OPPU); a user's module is the mixture of the bank modules that best explain
-the user's own latest items: the `candidates` bank users with the most similar histories (TF-IDF
-cosine, oppu.instant.represent) are scored by the loss of the user's probe items under their
-modules (oppu.instant.tune.LossScorer, one forward), and the top k by that loss are mixed with
-softmax(-loss / temperature) weights (oppu.instant.mix), written as a standard PEFT adapter. LoRA and IA3 are covered; prompt
-tuning is refused. The methods `instant`, `instant_rag` and `instant_pag` serve these modules in
+the user's own latest items. By default (instant.select = "grad") each bank module is ranked by the
+cosine of its weight change with the descent direction of the user's probe items (one forward and
+backward, oppu.instant.grad); "loss" scores the `candidates` most similar histories' modules by the
+probe items' loss under them (oppu.instant.tune.LossScorer) and "tfidf" by history similarity
+alone (oppu.instant.represent). The top k are mixed with softmax(affinity / temperature) weights
+(oppu.instant.mix), written as a standard PEFT adapter. LoRA and IA3 are covered; prompt tuning
+is refused. The methods `instant`, `instant_rag` and `instant_pag` serve these modules in
 the prompt shapes of `oppu`, `oppu_rag` and `oppu_pag`.
 
     bank = open_bank(session, ["instant"])

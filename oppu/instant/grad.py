@@ -23,9 +23,8 @@ import torch
 
 from oppu.engine import encode
 from oppu.engine.batching import length_chunks, n_targets
+from oppu.engine.lora import PREFIX, lora_scale
 from oppu.engine.train import decoder_and_head, token_loss_sums
-
-PREFIX = "base_model.model."
 
 
 class GradScorer:
@@ -45,8 +44,8 @@ class GradScorer:
         stacks, norm2 = {}, torch.zeros(len(modules), dtype=torch.float64)
         for p in self.paths:
             if self.lora:
-                a = torch.stack([s[f"{PREFIX}{p}.lora_A.weight"].double() * c.lora_alpha /
-                                 (s[f"{PREFIX}{p}.lora_A.weight"].shape[0] ** (0.5 if c.use_rslora else 1))
+                a = torch.stack([s[f"{PREFIX}{p}.lora_A.weight"].double() *
+                                 lora_scale(c, s[f"{PREFIX}{p}.lora_A.weight"].shape[0])
                                  for c, s in modules])                                   # [K, r, in], scaled
                 b = torch.stack([s[f"{PREFIX}{p}.lora_B.weight"].double() for _, s in modules])  # [K, out, r]
                 norm2 += ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2))

@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from oppu.engine.lora import lora_scale
+
 Module = tuple[object, Mapping[str, torch.Tensor]]   # (PEFT config, PEFT state dict)
 MIXABLE = ("LORA", "IA3")
 
@@ -69,15 +71,11 @@ def mix_ia3(modules: Sequence[Module], weights: Sequence[float]) -> Module:
     return copy.deepcopy(modules[0][0]), state
 
 
-def _scale(config, r: int) -> float:
-    return config.lora_alpha / (r ** 0.5 if config.use_rslora else r)
-
-
 def mix_lora(modules: Sequence[Module], weights: Sequence[float]) -> Module:
     paths = sorted(k[:-len(".lora_A.weight")] for k in modules[0][1] if k.endswith(".lora_A.weight"))
     pairs = {}
     for p in paths:
-        a = torch.cat([float(w) * _scale(c, s[f"{p}.lora_A.weight"].shape[0]) * s[f"{p}.lora_A.weight"].double()
+        a = torch.cat([float(w) * lora_scale(c, s[f"{p}.lora_A.weight"].shape[0]) * s[f"{p}.lora_A.weight"].double()
                        for (c, s), w in zip(modules, weights)])                    # [sum r, in]
         b = torch.cat([s[f"{p}.lora_B.weight"].double() for _, s in modules], dim=1)  # [out, sum r]
         cap = min(a.shape[1], b.shape[0])
