@@ -95,6 +95,14 @@ class Personalizer(Lifecycle):
             with (self._slots.mm.detached() if shared else nullcontext()):
                 yield self.train_model
 
+    @contextmanager
+    def plain_base(self) -> Iterator[Any]:
+        """The serving base with no user adapter wrapped around it, under the serving lock
+        (generation waits meanwhile): e.g. the gradient that ranks an instant module's bank."""
+        with self.lock:
+            with (self._slots.mm.detached() if self._slots is not None else nullcontext()):
+                yield self.model
+
     def train_modules(self, examples_by_user: Mapping[str, Sequence[Example]],
                       on_user_done: Callable[[str, list[float], Any, dict], None], *,
                       start: Mapping[str, tuple] | None = None, order_seeds: Mapping[str, int] | None = None,

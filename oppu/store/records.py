@@ -39,6 +39,14 @@ class Version:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+INSTANT_NOTE = "instant"  # the note of a version mixed from a bank (oppu.instant.served), not trained on the user
+
+
+def is_instant(version: Version | None) -> bool:
+    """Whether a version is an instant module (mixed from a bank, never trained on the user)."""
+    return version is not None and version.note == INSTANT_NOTE
+
+
 @dataclass(frozen=True)
 class Served:
     """The version actually served, and the newer ones skipped because they were corrupt."""

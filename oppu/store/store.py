@@ -207,11 +207,12 @@ class AdapterStore:
     # -- versions ------------------------------------------------------------------------------
     def put_version(self, user_id: str, write: Callable[[Path], Any], *, task: str, peft_type: str,
                     parent_version: int | None = None, history_seq: int = 0, note: str = "",
-                    meta: dict[str, Any] | None = None, activate: bool = True) -> Version:
+                    meta: dict[str, Any] | None = None, activate: bool = True,
+                    before: Callable[[Any], None] | None = None) -> Version:
         """Publish a new version: `write(dir)` fills a private temp dir with the adapter files
         (e.g. `peft_model.save_pretrained`) and may return a dict merged into `meta`; the files
-        are fsynced, hashed, renamed into place and only then recorded. Returns the committed
-        version."""
+        are fsynced, hashed, renamed into place and only then recorded. `before(conn)` runs first
+        inside the publishing transaction (raise to publish nothing). Returns the committed version."""
         self._require_user(user_id)
         tmp = new_temp_dir(self._tmp)
         try:
@@ -219,7 +220,7 @@ class AdapterStore:
             sums = seal(tmp)
             fields = dict(task=task, peft_type=peft_type, parent_version=parent_version, note=note,
                           history_seq=history_seq, meta={**(meta or {}), **(extra if isinstance(extra, dict) else {})})
-            return self._publish(user_id, tmp, sums, fields, activate)
+            return self._publish(user_id, tmp, sums, fields, activate, before)
         finally:
             release_temp_dir(tmp)
 
