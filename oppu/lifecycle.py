@@ -19,6 +19,7 @@ from oppu.history import UserHistory, as_user, replay_sample, validate_items
 from oppu.store import (CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, UnknownUser, Version,
                         validate_user_id)
 from oppu.store.bundle import BundleError
+from oppu.store.records import INSTANT_NOTE, is_instant
 from oppu.tasks import get_task
 from oppu.train_session import JobPlan, TrainResult, TrainSession, fail_job
 from oppu.transfer import check_config, export_blob, import_into, read_export
@@ -38,6 +39,10 @@ class Generation:
     @property
     def fell_back(self) -> bool:
         return bool(self.skipped)
+
+
+class _Superseded(Exception):
+    """A trained version became active while an instant one was being mixed."""
 
 
 def _meta(exs, mode: str) -> dict[str, Any]:
@@ -132,6 +137,11 @@ class Lifecycle:
         if active is None:
             raise NoAdapter(f"user {uid!r} has no adapter to update; train one first")
         parent = self.store.version(uid, active)
+        if is_instant(parent):  # never trained on the user: the first trained module starts afresh
+            if not exs:
+                raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
+            return JobPlan(job.job_id, uid, "train", exs, hist[-1].seq,
+                           {**_meta(exs, "train"), "note": f"train (replaces instant v{active})"})
         if parent.peft_type != self.peft:
             raise ValueError(f"user {uid!r} v{active} is {parent.peft_type}; this personalizer trains {self.peft}")
         path = self.store.verify(uid, active)  # never continue from a corrupt file
@@ -149,6 +159,35 @@ class Lifecycle:
                 "note": f"update of v{active} (replay {replay})"}
         return JobPlan(job.job_id, uid, "update", exs, hist[-1].seq, meta, parent=active, start=read_adapter(path),
                      order_seed=user_seed(self.seed, tag))
+
+    # -- instant modules (oppu.instant.served) ---------------------------------------------------
+    def publish_instant(self, user_id: str, bank) -> Version | None:
+        """A version marked `instant` mixed from `bank` for the user's own latest items, made active,
+        when the user has history and no trained version is active (else None: a trained module
+        wins, also one published while this one was being mixed)."""
+        from oppu.engine import write_adapter
+
+        info = self.store.user(user_id)
+        if info.active_version is not None and not is_instant(self.store.version(user_id, info.active_version)):
+            return None
+        hist = self.history(user_id)
+        if not hist:
+            return None
+        config, state, facts = bank.module(self, as_user(user_id, hist).history)
+
+        def still_untrained(c) -> None:
+            row = c.execute("SELECT v.note FROM users u JOIN adapter_versions v ON v.user_id = u.user_id AND "
+                            "v.version = u.active_version WHERE u.user_id=?", (user_id,)).fetchone()
+            if row is not None and row[0] != INSTANT_NOTE:
+                raise _Superseded()
+
+        base_name = self.model.__dict__.get("name_or_path") or None
+        try:
+            return self.store.put_version(user_id, lambda d: write_adapter(d, config, state, base_name),
+                                          task=self.task.id, peft_type=bank.peft_type, history_seq=hist[-1].seq,
+                                          note=INSTANT_NOTE, meta=facts, before=still_untrained)
+        except _Superseded:
+            return None
 
     def rollback(self, user_id: str, version: int) -> Version:
         """Make an older (or any existing) version active again, after checking its files."""

@@ -236,9 +236,12 @@ def _account_routes(app: FastAPI, svc: Service, admin, owner) -> None:
     @app.post("/v1/users/{user_id}/history", response_model=S.HistoryAdded, responses=AUTH_ERRORS,
               tags=["users"])
     def add_history(user_id: UserId, body: S.HistoryIn, _: Owner):
-        """Append history items (all or nothing); they feed the next train/update job."""
-        seqs = svc.add_history(user_id, body.task, body.items)
-        return S.HistoryAdded(user_id=user_id, added=len(seqs), last_seq=seqs[-1])
+        """Append history items (all or nothing); they feed the next train/update job. With an instant
+        bank (`oppu serve --instant`), a user with no trained version is served at once by an instant
+        adapter mixed for this history (`instant_version`), until a training job replaces it."""
+        seqs, made = svc.add_history_and_instant(user_id, body.task, body.items)
+        return S.HistoryAdded(user_id=user_id, added=len(seqs), last_seq=seqs[-1],
+                              instant_version=None if made is None else made.version)
 
 
 def _training_routes(app: FastAPI, svc: Service, caller, owner) -> None:

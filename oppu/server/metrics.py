@@ -73,6 +73,9 @@ class Metrics:
                                           LATENCY_BUCKETS)
         self.batch_rows = Histogram("oppu_generate_batch_rows", "Rows (requests) per mixed-adapter batch.",
                                     BATCH_BUCKETS)
+        self.instant_s = Histogram("oppu_instant_module_seconds",
+                                   "Time to mix and publish a user's instant module (history requests).",
+                                   LATENCY_BUCKETS)
 
     def request(self, method: str, route: str, status: int) -> None:
         key = (method if method in HTTP_METHODS else "other", route, str(status))
@@ -88,7 +91,7 @@ class Metrics:
                "# TYPE oppu_http_requests_total counter"]
         for (method, route, status), n in sorted(self.requests().items()):
             out.append(f"oppu_http_requests_total{_labels({'method': method, 'route': route, 'status': status})} {n}")
-        out += self.generate_latency.render() + self.batch_rows.render()
+        out += self.generate_latency.render() + self.batch_rows.render() + self.instant_s.render()
         for name, (help, samples) in (gauges or {}).items():
             out += [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
             out += [f"{name}{_labels(labels)} {_num(v)}" for labels, v in samples]

@@ -145,6 +145,9 @@ class HistoryAdded(BaseModel):
     user_id: str
     added: int
     last_seq: int
+    instant_version: int | None = Field(default=None, description="the instant adapter version made for this "
+                                        "history (active at once) when the server has an instant bank and the "
+                                        "user no trained version; else null")
 
 
 class JobOut(BaseModel):

@@ -41,6 +41,7 @@ from oppu.server.schemas import MAX_K
 from oppu.server.worker import TrainWorker, lower_priority, version_of
 from oppu.store import (AdapterStore, CorruptAdapterError, HistoryError, Job, JobError, NoAdapter, Served, Version,
                         validate_user_id)
+from oppu.store.records import is_instant
 from oppu.tasks import get_task
 
 log = logging.getLogger("oppu.server")
@@ -100,12 +101,18 @@ def _digest(token: str) -> bytes:
 
 class Service:
     def __init__(self, store: AdapterStore, model, tok, cfg: ServeConfig, admin_token: str,
-                 base_info: dict[str, Any] | None = None):
+                 base_info: dict[str, Any] | None = None, instant=None):
+        """instant: an oppu.instant.served.ServedBank; users with history and no trained version are
+        then served by a module mixed from it (a version marked `instant`), refreshed as history is
+        added, until their first training job publishes a trained one."""
         if not isinstance(admin_token, str) or len(admin_token) < 16:
             raise ValueError("the admin token must be at least 16 characters (e.g. "
                              "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         self.store, self.cfg, self.tok = store, cfg, tok
         self.task = get_task(cfg.task)
+        if instant is not None and instant.peft_type != cfg.peft:
+            raise ValueError(f"the instant bank holds {instant.peft_type} modules; this server trains {cfg.peft}")
+        self.instant = instant
         self.base_info = base_info or {}
         self.metrics = Metrics()
         self._admin = _digest(admin_token)
@@ -170,9 +177,28 @@ class Service:
         return uid, self.store.tokens.issue(uid)
 
     def add_history(self, uid: str, task: str, items: list[dict[str, Any]]) -> list[int]:
+        """Append the items (their seqs); with an instant bank, a user with no trained version gets a
+        fresh instant version for the new history in the same call (see `refresh_instant`)."""
+        return self.add_history_and_instant(uid, task, items)[0]
+
+    def add_history_and_instant(self, uid: str, task: str,
+                                items: list[dict[str, Any]]) -> tuple[list[int], Version | None]:
+        """add_history, and the instant version it made (None when it made none)."""
         self._check_task(task)
-        return self.p.add_history(validate_user_id(uid), task, items, max_items=self.cfg.max_history_items,
+        seqs = self.p.add_history(validate_user_id(uid), task, items, max_items=self.cfg.max_history_items,
                                   max_bytes=self.cfg.max_history_bytes)
+        return seqs, self.refresh_instant(uid)
+
+    def refresh_instant(self, uid: str) -> Version | None:
+        """The user's new instant version (active at once), or None: no bank, or a trained version
+        is active (the client trains or updates it with POST /train)."""
+        if self.instant is None:
+            return None
+        t0 = time.perf_counter()
+        v = self.p.publish_instant(uid, self.instant)
+        if v is not None:
+            self.metrics.instant_s.observe(time.perf_counter() - t0)
+        return v
 
     def delete(self, uid: str) -> dict[str, Any]:
         uid = validate_user_id(uid)
@@ -233,7 +259,8 @@ class Service:
             if busy:
                 raise Conflict(f"user {uid!r} already has job {busy[-1].job_id!r} {busy[-1].status}; "
                                f"poll GET /v1/jobs/{busy[-1].job_id}")
-            if info.active_version is None:
+            active = None if info.active_version is None else self.store.version(uid, info.active_version)
+            if active is None or is_instant(active):
                 if not self.store.history(uid):
                     raise Conflict(f"user {uid!r} has no history; POST items to /v1/users/{uid}/history first")
                 kind = "train"
