@@ -75,6 +75,11 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
           max_wait_ms: float = typer.Option(10.0, help="how long a batch waits for more requests"),
           train_yield_ms: float = typer.Option(500.0, help="the most a training step waits while generate "
                                                             "requests are open (generation goes first)"),
+          instant: str = typer.Option("auto", help="instant adapters for users with history and no trained "
+                                                   "version: auto (when --base is an `oppu run` output that "
+                                                   "built an instant bank) | on (tiny: build a bank from the "
+                                                   "built-in world) | off"),
+          instant_bank_users: int = typer.Option(16, help="--base tiny --instant on: bank modules to train"),
           max_history_items: int = typer.Option(20_000, help="per-user quota of history items"),
           max_history_bytes: int = typer.Option(32 << 20, help="per-user quota of history bytes (item JSON)"),
           device: str = typer.Option("cpu", help="cpu | cuda | auto"),
@@ -104,23 +109,27 @@ def serve(store: Path = typer.Option(..., help="store directory (created if miss
                           max_history_bytes=max_history_bytes)
         st = AdapterStore(store)
         model, tok, info = open_base(base, cfg.task, st.root, seed=seed, base_epochs=base_epochs, k=k,
-                                     max_len=max_len, device=device, dtype=dtype)
-        svc = Service(st, model, tok, cfg, token, info)
+                                     max_len=max_len, device=device, dtype=dtype, instant=instant,
+                                     user_train=cfg.user_train, peft=peft, instant_bank_users=instant_bank_users)
+        bank = info.pop("instant", None)
+        svc = Service(st, model, tok, cfg, token, info, instant=bank)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     app = create_app(svc)
     sock = _bind(host, port, port_file)
-    logging.getLogger("oppu.server").info("serving %s on http://%s:%d (base %s, trainer base: %s)", svc.task.id,
-                                          host, sock.getsockname()[1], info.get("path", base), svc.trainer_base)
+    logging.getLogger("oppu.server").info("serving %s on http://%s:%d (base %s, trainer base: %s, instant: %s)",
+                                          svc.task.id, host, sock.getsockname()[1], info.get("path", base),
+                                          svc.trainer_base, bank.describe() if bank else "off")
     _run(app, svc, sock, log_level, access_log)
 
 
 def _run_config(base: str, epochs: Optional[int], lr: Optional[float]):
-    """The run config's per-base defaults (tiny, or the paper's recipe for a checkpoint) with
-    --user-epochs / --user-lr applied when given: the server trains as `oppu run` does."""
-    from oppu.config import load_config
+    """The run config's per-base defaults (tiny, or the paper's recipe for a checkpoint; an `oppu run`
+    output: its base's) with --user-epochs / --user-lr applied when given: the server trains as
+    `oppu run` does."""
+    from oppu.server.bases import serve_run_config
 
-    return load_config(None, base=base, **{"user_train.epochs": epochs, "user_train.lr": lr})
+    return serve_run_config(base, **{"user_train.epochs": epochs, "user_train.lr": lr})
 
 
 def _bind(host: str, port: int, port_file: Optional[Path]) -> socket.socket:

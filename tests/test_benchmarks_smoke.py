@@ -25,6 +25,8 @@ RUNS = {  # run name -> (script, argv)
     "adapter_scale": ("adapter_scale", ["--base", "tiny:micro", "--users", "3,8", "--sample", "3"]),
     "load_server": ("load_server", ["--clients", "2", "--duration", "1", "--base", "tiny:micro", "--threads", "1",
                                     "--history", "4", "--user-epochs", "1", "--train-items", "6"]),
+    "instant_serve": ("instant_serve", ["--base", "tiny:micro", "--base-epochs", "0", "--users", "2", "--items", "6",
+                                        "--bank-users", "3", "--threads", "1"]),
     "tenants": ("tenants", ["--duration", "0.5", "--victim-clients", "1", "--flood", "2", "--big-history", "200",
                             "--train-items", "40", "--user-epochs", "1"]),
 }
@@ -149,3 +151,13 @@ def test_tenants(runs):
         assert {"rps", "p50_ms", "p99_ms", "rate_ratio", "p99_ratio", "ok", "victim_codes", "neighbour_codes"} <= set(arm)
     assert "429" in res["arms"]["export"]["neighbour_codes"]  # the flood is refused
     assert "429" not in res["arms"]["export"]["victim_codes"]  # the victim is not
+
+
+def test_instant_serve(runs):
+    res = _result(runs, "instant_serve")
+    assert res["users"] == 2 and res["items"] == 6 and res["bank"]["users"] == 3
+    assert "train" in res["trained"] and "train" not in res["instant"]
+    # the first answer is the history call, (the training job,) and the first generate
+    assert res["ratio_first_answer"] == pytest.approx(res["trained"]["first_answer"]["p50_ms"]
+                                                      / res["instant"]["first_answer"]["p50_ms"], rel=0.01)
+    assert res["trained"]["first_answer"]["p50_ms"] > res["trained"]["train"]["p50_ms"] * 0.99
