@@ -140,22 +140,26 @@ def test_shift_levels_follow_the_synthetic_knob(results):
 
 
 def test_auto_answers_each_user_from_one_arm(results):
-    """Every auto prediction is that user's rag or oppu_rag prediction at the same level and seed."""
+    """Every auto prediction is that user's rag, instant_rag or oppu_rag prediction at the same level
+    (and seed), the arm their history size and their fold's thresholds pick."""
     res, out = results["cold-start"]
     rows = {(r["method"], r["condition"]["items"], r["seed"]): r for r in res["rows"]}
     for (m, items, seed), r in rows.items():
         if m != "auto":
             continue
         _, auto, _ = read_outputs(out / r["predictions"])
-        _, rag, _ = read_outputs(out / rows[("rag", items, None)]["predictions"])
-        _, orag, _ = read_outputs(out / rows[("oppu_rag", items, seed)]["predictions"])
+        arms = {a: read_outputs(out / rows[(a, items, seed if a == "oppu_rag" else None)]["predictions"])[1]
+                for a in ("rag", "instant_rag", "oppu_rag")}
         by_user: dict[str, set] = {}
         for q, p in auto.items():
-            arms = {a for a, src in (("rag", rag), ("oppu_rag", orag)) if src[q] == p}
+            ok = {a for a, src in arms.items() if src[q] == p}
             user = q.rsplit("-q", 1)[0]
-            by_user[user] = by_user.get(user, arms) & arms
+            by_user[user] = by_user.get(user, ok) & ok
         assert all(by_user.values()), by_user  # one arm explains all of a user's answers
-    assert set(res["facts"]["auto_thresholds"]) == {"0", "1"}
+    th = res["facts"]["auto_thresholds"]
+    assert set(th) == {"0", "1"} and all(len(pair) == 2 for folds in th.values() for pair in folds)
+    assert set(res["summary"]["auto_vs"]) == {"rag", "instant_rag", "oppu_rag"}
+    assert res["facts"]["instant_bank"]["users"] > 0
 
 
 def test_history_formats_build_label_free_and_inverted_examples():
@@ -182,7 +186,10 @@ def test_cold_start_truncation_and_policy():
     t = truncate(u, 2)
     assert [it["id"] for it in t.history] == ["i2", "i3"] and t.queries[0].visible == ("i3", "i4")
     assert truncate(u, 10).history == u.history
-    assert auto_choice(2, 3) == "rag" and auto_choice(3, 3) == "oppu_rag" and auto_choice(50, math.inf) == "rag"
+    assert [auto_choice(n, (2, 4)) for n in (1, 2, 3, 4, 9)] == ["rag", "instant_rag", "instant_rag", "oppu_rag",
+                                                                  "oppu_rag"]
+    assert auto_choice(3, (3, 3)) == "oppu_rag" and auto_choice(50, (math.inf, math.inf)) == "rag"
+    assert auto_choice(50, (1, math.inf)) == "instant_rag"
 
 
 def test_activity_buckets_keep_equal_lengths_together():
