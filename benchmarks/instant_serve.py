@@ -38,9 +38,10 @@ def users_and_base(args, tmp: Path):
     from oppu.data.synth import synth_world
     from oppu.data.users import load_lamp_dir
     from oppu.server import open_base
-    from oppu.server.bases import is_tiny, serve_run_config
+    from oppu.config import is_tiny_base
+    from oppu.server.bases import serve_run_config
 
-    if is_tiny(args.base):
+    if is_tiny_base(args.base):
         task = args.task
         data = tmp / "world"
         synth_world(task, data, seed=args.seed + 1, test_users=args.users, other_users=8)

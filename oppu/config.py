@@ -153,7 +153,7 @@ class RunConfig:
 
     @property
     def is_tiny(self) -> bool:
-        return self.base == "tiny" or self.base.startswith("tiny:")
+        return is_tiny_base(self.base)
 
     @property
     def tiny_preset(self) -> str:
@@ -210,9 +210,14 @@ DEMO_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def is_tiny_base(spec: str) -> bool:
+    """Whether a --base names the tiny from-scratch base ("tiny" or a preset, "tiny:small")."""
+    return spec == "tiny" or spec.startswith("tiny:")
+
+
 def demo_preset(base: str) -> dict[str, dict[str, Any]]:
     """The demo's world sizes and run overrides for `base` (tiny presets vs any checkpoint)."""
-    return DEMO_PRESETS["tiny" if base == "tiny" or base.startswith("tiny:") else "checkpoint"]
+    return DEMO_PRESETS["tiny" if is_tiny_base(base) else "checkpoint"]
 
 
 def _build(cls, data: dict[str, Any]):
@@ -256,7 +261,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
         else:
             data[k] = v
     base = str(data.get("base", "tiny"))
-    if not (base == "tiny" or base.startswith("tiny:")):
+    if not is_tiny_base(base):
         for key, v in {**CHECKPOINT_DEFAULTS, **BASE_DEFAULTS.get(base, {})}.items():
             if "." not in key:
                 data.setdefault(key, v)

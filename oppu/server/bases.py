@@ -18,14 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from oppu.config import is_tiny_base
+
 log = logging.getLogger("oppu.server")
 
 
 INSTANT_MODES = ("auto", "on", "off")
-
-
-def is_tiny(spec: str) -> bool:
-    return spec == "tiny" or spec.startswith("tiny:")
 
 
 def open_base(spec: str, task: str, store_root: str | Path, *, seed: int = 0, base_epochs: int = 3, k: int = 2,
@@ -40,7 +38,7 @@ def open_base(spec: str, task: str, store_root: str | Path, *, seed: int = 0, ba
 
     if instant not in INSTANT_MODES:
         raise ValueError(f"unknown instant mode {instant!r}; valid: {', '.join(INSTANT_MODES)}")
-    if is_tiny(spec):
+    if is_tiny_base(spec):
         return _tiny(spec, task, Path(store_root), seed, base_epochs, k, max_len, device, dtype,
                      instant == "on", user_train, peft, instant_bank_users)
     path = resolve_base_path(spec)
@@ -60,7 +58,7 @@ def serve_run_config(spec: str, **overrides):
     from oppu.config import load_config
 
     run_json = Path(spec) / "run.json"
-    if not is_tiny(spec) and run_json.is_file():
+    if not is_tiny_base(spec) and run_json.is_file():
         spec = str((json.loads(run_json.read_text()).get("config") or {}).get("base") or spec)
     return load_config(None, base=spec, **overrides)
 
