@@ -97,6 +97,12 @@ class Bank:
         return self.mixed(self.weights_for(items, scorer, **kw))
 
 
+def read_bank(root: Path) -> tuple[dict, list[tuple]]:
+    """(bank.json, [(PEFT config, state) per bank user in its ids order]) of a bank directory."""
+    meta = json.loads((root / "bank.json").read_text())
+    return meta, [read_adapter(root / safe_user_dir(u)) for u in meta["ids"]]
+
+
 def split_users(others: Sequence, icfg, seed: int) -> tuple[list, list]:
     """(bank users, validation users): a seeded draw from the non-test users with enough history."""
     pool = sorted((u for u in others if len(u.history) > icfg.val_items), key=lambda u: u.user_id)
@@ -136,8 +142,7 @@ def open_bank(s, methods: Sequence[str]) -> Bank:
     else:
         s.log(f"instant: reusing the cached adapter bank {root}")
         cached = True
-    meta = json.loads((root / "bank.json").read_text())
-    modules = [read_adapter(root / safe_user_dir(u)) for u in meta["ids"]]
+    meta, modules = read_bank(root)
     texts = [history_text(s.task, u.history) for u in _cut(s, bank_users)]
     hv = HistoryVectors(texts)
     ic = c.instant

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from oppu.data.users import User
-from oppu.engine import read_adapter
 from oppu.engine.kinds import kind_of
+from oppu.instant.bank import read_bank
 from oppu.instant.grad import GradScorer
 from oppu.instant.mix import knn_weights, mix_modules, uniform_weights
-from oppu.store.files import safe_user_dir
-from oppu.store.records import INSTANT_NOTE, is_instant  # noqa: F401  (re-exported)
+from oppu.store.records import INSTANT_NOTE
 
 
 @dataclass
@@ -49,12 +48,11 @@ class ServedBank:
     def from_dir(cls, bank_dir: str | Path, **kw) -> "ServedBank":
         """The modules of a bank directory (bank.json + one PEFT dir per bank user)."""
         root = Path(bank_dir)
-        meta_file = root / "bank.json"
-        if not meta_file.is_file():
+        if not (root / "bank.json").is_file():
             raise FileNotFoundError(f"{root} is not an instant bank (no bank.json); build one with "
                                     "`oppu run --methods ...,instant`")
-        ids = json.loads(meta_file.read_text())["ids"]
-        modules = [read_adapter(root / safe_user_dir(u)) for u in ids]
+        meta, modules = read_bank(root)
+        ids = meta["ids"]
         peft = kind_of(modules[0][0])
         return cls(ids, modules, peft, info={"dir": str(root), "users": len(ids), **kw.pop("info", {})}, **kw)
 
