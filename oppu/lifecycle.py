@@ -49,6 +49,13 @@ def _meta(exs, mode: str) -> dict[str, Any]:
     return {"mode": mode, "examples": len(exs), "sources": list(dict.fromkeys(e.source for e in exs))}
 
 
+def _train_plan(job: Job, hist, exs, note: str) -> JobPlan:
+    """A fresh module trained on the user's examples (no parent)."""
+    if not exs:
+        raise HistoryError(f"user {job.user_id!r} has no usable history item to train an adapter on")
+    return JobPlan(job.job_id, job.user_id, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": note})
+
+
 class Lifecycle:
     """Store-backed operations of Personalizer (needs self.store)."""
 
@@ -124,9 +131,7 @@ class Lifecycle:
         hist = self.history(uid)
         exs = self.examples(as_user(uid, hist), pause=pause)
         if job.kind == "train":
-            if not exs:
-                raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
-            return JobPlan(job.job_id, uid, "train", exs, hist[-1].seq, {**_meta(exs, "train"), "note": "train"})
+            return _train_plan(job, hist, exs, "train")
         return self._update_plan(job, hist, exs, replay)
 
     def _update_plan(self, job: Job, hist, exs, replay: float) -> JobPlan:
@@ -138,10 +143,7 @@ class Lifecycle:
             raise NoAdapter(f"user {uid!r} has no adapter to update; train one first")
         parent = self.store.version(uid, active)
         if is_instant(parent):  # never trained on the user: the first trained module starts afresh
-            if not exs:
-                raise HistoryError(f"user {uid!r} has no usable history item to train an adapter on")
-            return JobPlan(job.job_id, uid, "train", exs, hist[-1].seq,
-                           {**_meta(exs, "train"), "note": f"train (replaces instant v{active})"})
+            return _train_plan(job, hist, exs, f"train (replaces instant v{active})")
         if parent.peft_type != self.peft:
             raise ValueError(f"user {uid!r} v{active} is {parent.peft_type}; this personalizer trains {self.peft}")
         path = self.store.verify(uid, active)  # never continue from a corrupt file
@@ -167,18 +169,15 @@ class Lifecycle:
         wins, also one published while this one was being mixed)."""
         from oppu.engine import write_adapter
 
-        info = self.store.user(user_id)
-        if info.active_version is not None and not is_instant(self.store.version(user_id, info.active_version)):
+        if self.store.active_note(user_id) not in (None, INSTANT_NOTE):
             return None
         hist = self.history(user_id)
         if not hist:
             return None
         config, state, facts = bank.module(self, as_user(user_id, hist).history)
 
-        def still_untrained(c) -> None:
-            row = c.execute("SELECT v.note FROM users u JOIN adapter_versions v ON v.user_id = u.user_id AND "
-                            "v.version = u.active_version WHERE u.user_id=?", (user_id,)).fetchone()
-            if row is not None and row[0] != INSTANT_NOTE:
+        def still_untrained(_conn) -> None:  # inside the publishing transaction
+            if self.store.active_note(user_id) not in (None, INSTANT_NOTE):
                 raise _Superseded()
 
         base_name = self.model.__dict__.get("name_or_path") or None

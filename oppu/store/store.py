@@ -280,6 +280,12 @@ class AdapterStore:
     def active_version(self, user_id: str) -> int | None:
         return self.user(user_id).active_version
 
+    def active_note(self, user_id: str) -> str | None:
+        """The note of the user's active version (None when none is active). On this thread's
+        connection, so inside put_version's `before` it reads within the publishing transaction."""
+        active = self.active_version(user_id)
+        return None if active is None else self.version(user_id, active).note
+
     def set_active(self, user_id: str, version: int) -> None:
         self.version(user_id, version)
         with self.db.write() as c:
