@@ -43,6 +43,12 @@ def test_lora_mixture_is_the_weighted_sum_of_the_bank_deltas(n, r):
     want = sum(float(x) * _delta(m) for m, x in zip(mods, w))
     assert mixed[0].r == mixed[0].lora_alpha == min(n * r, 6)
     torch.testing.assert_close(_delta(mixed), want, atol=1e-5, rtol=1e-5)
+    # a bank's stacked layers mix any subset of its modules exactly as mix_modules does on that subset
+    from oppu.instant.mix import LoraStack
+    pick = [n - 1, 0]
+    _, got = LoraStack(mods).mix(pick, [0.7, 0.3])
+    _, ref = mix_modules([mods[i] for i in pick], [0.7, 0.3])
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_ia3_mixture_is_the_weighted_average_and_prompt_tuning_is_refused():

@@ -32,7 +32,7 @@ from oppu.engine import read_adapter
 from oppu.examples import variants_for
 from oppu.fingerprint import data_fingerprint, fingerprint
 from oppu.instant.grad import GradScorer
-from oppu.instant.mix import knn_weights, mix_modules, uniform_weights
+from oppu.instant.mix import LoraStack, check_mixable, knn_weights, mix_modules, uniform_weights
 from oppu.instant.represent import HistoryVectors, history_text
 from oppu.instant.tune import LossScorer, heldout_losses, pick
 from oppu.store.files import safe_user_dir
@@ -52,6 +52,7 @@ class Bank:
     candidates: int = 16
     probe_fn: Any = None                 # items -> the probe examples scored under candidate modules
     info: dict = dataclasses.field(default_factory=dict)
+    _stack: Any = dataclasses.field(default=None, repr=False)
 
     def scorer(self, model, tok, max_len: int, tokens_per_forward: int = 1024):
         """The context select="grad" (GradScorer) or "loss" (LossScorer: every bank module held in the
@@ -91,6 +92,12 @@ class Bank:
         return self.weights_from(self.affinities(items, scorer), **kw)
 
     def mixed(self, w: Sequence[tuple[int, float]]) -> tuple:
+        """The mixture (oppu.instant.mix) of bank modules [(index, weight)]: LoRA through the bank's
+        stacked layers (built once), equal to mix_modules on the same modules."""
+        if self._stack is None:
+            self._stack = LoraStack(self.modules) if check_mixable(self.modules) == "LORA" else False
+        if self._stack:
+            return self._stack.mix([i for i, _ in w], [x for _, x in w])
         return mix_modules([self.modules[i] for i, _ in w], [x for _, x in w])
 
     def module_for(self, items: Sequence[dict], scorer=None, **kw) -> tuple:

@@ -51,10 +51,8 @@ def _peft_type(config) -> str:
     return getattr(t, "value", t)
 
 
-def mix_modules(modules: Sequence[Module], weights: Sequence[float]) -> Module:
-    """The mixture of same-shaped bank modules under `weights` (summing to 1), as a PEFT module."""
-    if not modules or len(modules) != len(weights):
-        raise ValueError(f"need one weight per module, got {len(modules)} modules and {len(weights)} weights")
+def check_mixable(modules: Sequence[Module]) -> str:
+    """The PEFT type ("LORA" | "IA3") shared by these modules, which must target the same layers."""
     types = {_peft_type(c) for c, _ in modules}
     if len(types) != 1 or not types <= set(MIXABLE):
         raise ValueError(f"instant adapters mix {' or '.join(MIXABLE)} modules of one type; got "
@@ -62,7 +60,14 @@ def mix_modules(modules: Sequence[Module], weights: Sequence[float]) -> Module:
     keys = set(modules[0][1])
     if any(set(s) != keys for _, s in modules):
         raise ValueError("bank modules target different layers; they must share one PEFT config")
-    return mix_lora(modules, weights) if types == {"LORA"} else mix_ia3(modules, weights)
+    return types.pop()
+
+
+def mix_modules(modules: Sequence[Module], weights: Sequence[float]) -> Module:
+    """The mixture of same-shaped bank modules under `weights` (summing to 1), as a PEFT module."""
+    if not modules or len(modules) != len(weights):
+        raise ValueError(f"need one weight per module, got {len(modules)} modules and {len(weights)} weights")
+    return mix_lora(modules, weights) if check_mixable(modules) == "LORA" else mix_ia3(modules, weights)
 
 
 def mix_ia3(modules: Sequence[Module], weights: Sequence[float]) -> Module:
@@ -72,27 +77,46 @@ def mix_ia3(modules: Sequence[Module], weights: Sequence[float]) -> Module:
 
 
 def mix_lora(modules: Sequence[Module], weights: Sequence[float]) -> Module:
-    paths = sorted(k[:-len(".lora_A.weight")] for k in modules[0][1] if k.endswith(".lora_A.weight"))
-    pairs = {}
-    for p in paths:
-        a = torch.cat([float(w) * lora_scale(c, s[f"{p}.lora_A.weight"].shape[0]) * s[f"{p}.lora_A.weight"].double()
-                       for (c, s), w in zip(modules, weights)])                    # [sum r, in]
-        b = torch.cat([s[f"{p}.lora_B.weight"].double() for _, s in modules], dim=1)  # [out, sum r]
-        cap = min(a.shape[1], b.shape[0])
-        if a.shape[0] > cap:  # refactor the summed delta B @ A exactly at the layer's full rank
-            u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
-            root = sv[:cap].sqrt()
-            a, b = root[:, None] * vh[:cap], u[:, :cap] * root[None, :]
-        pairs[p] = (a, b)
-    ranks = {a.shape[0] for a, _ in pairs.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"the mixture's layers end at different ranks {sorted(ranks)} (some layers are narrower "
-                         "than the summed rank); mix fewer modules (instant.top_k)")
-    r = ranks.pop()
-    dtype = next(iter(modules[0][1].values())).dtype
-    config = copy.deepcopy(modules[0][0])
-    config.r, config.lora_alpha, config.use_rslora = r, r, False
-    state = {}
-    for p, (a, b) in pairs.items():
-        state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = a.to(dtype), b.to(dtype)
-    return config, state
+    return LoraStack(modules).mix(range(len(modules)), weights)
+
+
+class LoraStack:
+    """Same-shaped LoRA modules stacked per layer in float64 ([K, r, in] A, [K, out, r] B), so a
+    mixture of any of them is a few tensor ops per layer (a bank keeps one for all its users)."""
+
+    def __init__(self, modules: Sequence[Module]) -> None:
+        first = modules[0][1]
+        self.config = modules[0][0]
+        self.dtype = next(iter(first.values())).dtype
+        self.paths = sorted(k[:-len(".lora_A.weight")] for k in first if k.endswith(".lora_A.weight"))
+        self.a = {p: torch.stack([s[f"{p}.lora_A.weight"].double() for _, s in modules]) for p in self.paths}
+        self.b = {p: torch.stack([s[f"{p}.lora_B.weight"].double() for _, s in modules]) for p in self.paths}
+        self.scale = {p: [lora_scale(c, s[f"{p}.lora_A.weight"].shape[0]) for c, s in modules] for p in self.paths}
+
+    def mix(self, idx: Sequence[int], weights: Sequence[float]) -> Module:
+        """The exact LoRA of sum_k w_k * scale_k * B_k @ A_k over modules idx (see module docstring)."""
+        idx = list(idx)
+        pos = torch.tensor(idx, dtype=torch.long)
+        pairs = {}
+        for p in self.paths:
+            ws = torch.tensor([float(w) * self.scale[p][i] for i, w in zip(idx, weights)], dtype=torch.float64)
+            a = (ws[:, None, None] * self.a[p][pos]).reshape(-1, self.a[p].shape[2])          # [sum r, in]
+            bk = self.b[p][pos]                                                                # [n, out, r]
+            b = bk.permute(1, 0, 2).reshape(bk.shape[1], -1)                                   # [out, sum r]
+            cap = min(a.shape[1], b.shape[0])
+            if a.shape[0] > cap:  # refactor the summed delta B @ A exactly at the layer's full rank
+                u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+                root = sv[:cap].sqrt()
+                a, b = root[:, None] * vh[:cap], u[:, :cap] * root[None, :]
+            pairs[p] = (a, b)
+        ranks = {a.shape[0] for a, _ in pairs.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"the mixture's layers end at different ranks {sorted(ranks)} (some layers are narrower "
+                             "than the summed rank); mix fewer modules (instant.top_k)")
+        r = ranks.pop()
+        config = copy.deepcopy(self.config)
+        config.r, config.lora_alpha, config.use_rslora = r, r, False
+        state = {}
+        for p, (a, b) in pairs.items():
+            state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = a.to(self.dtype), b.to(self.dtype)
+        return config, state
