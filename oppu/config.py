@@ -46,9 +46,10 @@ class BaseTrainConfig:
     batch_size: int = 32
     lora_r: int = 16            # real checkpoints: LoRA then merge; tiny: full training
     target_modules: str = "all-linear"   # real checkpoints' task-adaptation LoRA (comma list or all-linear)
-    max_examples: int = 0       # 0 = all; caps examples per epoch for quick runs
+    max_examples: int = 0       # 0 = all; caps examples per epoch (and those built: max_examples x epochs)
     top_layers: int = 0         # real checkpoints: LoRA on the last N decoder layers only (0 = all)
     warmup_ratio: float = 0.05
+    max_tokens: int = 0         # 0 = no cap; caps tokens per epoch (a fresh draw of examples each epoch)
 
 
 @dataclass(frozen=True)

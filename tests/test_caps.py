@@ -93,3 +93,49 @@ def test_llm_profiles_are_written_in_one_batched_call_and_memoised(users):
     assert fn(histories[0][-4:]) == texts[0]   # only the last max_items items reach the prompt
     fn(histories[0][:3])
     assert calls == [len(histories), 1]
+
+
+def test_capped_epochs_see_every_example_once_before_any_repeats():
+    from oppu.engine.batching import batches, epoch_cap
+    lengths = [10 + (i * 7) % 13 for i in range(50)]
+    plan = batches(50, 4, 6, seed=2, lengths=lengths, epoch_size=20)
+    seen = [sorted(i for b in ep for i in b) for ep in plan]
+    assert [len(s) for s in seen] == [20] * 6
+    assert len(set(seen[0] + seen[1])) == 40          # two epochs: 40 distinct examples                      # two epochs: 40 distinct examples
+    stream = [i for ep in plan for b in ep for i in b]
+    assert sorted(set(stream)) == list(range(50))     # every example within the 120 draws
+    # uncapped (or a cap at n) is the plain per-epoch shuffle, draw for draw
+    assert batches(50, 4, 3, 2, lengths) == batches(50, 4, 3, 2, lengths, epoch_size=50)
+    assert batches(50, 4, 3, 2, lengths) == batches(50, 4, 3, 2, lengths, epoch_tokens=10 ** 6)
+    # a token cap: as many examples as the tokens hold at the mean length, never under one batch
+    assert epoch_cap(50, max_tokens=sum(lengths) // 2, lengths=lengths, batch_size=4) == 25
+    assert epoch_cap(50, max_tokens=1, lengths=lengths, batch_size=4) == 4
+    assert epoch_cap(50, max_examples=30, max_tokens=sum(lengths) // 2, lengths=lengths) == 25
+    assert epoch_cap(50, max_examples=10) == 10 and epoch_cap(50) == 50
+
+
+def test_task_adaptation_token_cap_bounds_steps_and_reports_the_plan(tmp_path, users):
+    from oppu.config import BaseTrainConfig
+    from oppu.examples import base_examples
+    from oppu.model.base import build_tiny_base, load_base
+    from oppu.model.task_adapt import adapt_base
+    from oppu.tasks import get_task
+
+    task = get_task("LaMP_2M")
+    _, others = users
+    exs = base_examples(task, others, ("plain",), 0, "bm25", None, seed=0)
+    runs = {}
+    for cap in (0, 600):
+        d = build_tiny_base([e.prompt + " " + e.target for e in exs], tmp_path / f"b{cap}", preset="micro")
+        model, tok = load_base(d)
+        plans = []
+        _, info = adapt_base(model, tok, exs, BaseTrainConfig(epochs=3, batch_size=4, max_tokens=cap), True, 0, 128,
+                             on_plan=plans.append)
+        runs[cap] = info
+        assert plans == [info["steps"]]
+    full, capped = runs[0], runs[600]
+    assert full["examples_per_epoch"] == full["examples"] == len(exs)
+    assert capped["examples"] == len(exs) and capped["examples_per_epoch"] < len(exs)
+    assert capped["tokens_per_epoch"] <= 600 < full["tokens_per_epoch"]
+    assert capped["steps"] == 3 * -(-capped["examples_per_epoch"] // 4) < full["steps"]
+    assert all(torch.isfinite(torch.tensor(x)) for x in capped["losses"]) and len(capped["losses"]) == 3

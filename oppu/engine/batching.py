@@ -114,9 +114,27 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, att
 
 
+def epoch_cap(n: int, max_examples: int = 0, max_tokens: int = 0, lengths: Sequence[int] | None = None,
+              batch_size: int = 1) -> int:
+    """Examples per epoch under the caps (n when uncapped): at most max_examples, and at most as
+    many as max_tokens holds at the mean of `lengths` (never under one batch)."""
+    cap = n
+    if max_examples:
+        cap = min(cap, max_examples)
+    if max_tokens and lengths and sum(lengths) > max_tokens:
+        cap = min(cap, max(batch_size, int(max_tokens * n / sum(lengths))))
+    return min(cap, n)
+
+
 def batches(n: int, batch_size: int, epochs: int, seed: int,
-            lengths: Sequence[int] | None = None, bucket: int = 8) -> list[list[list[int]]]:
+            lengths: Sequence[int] | None = None, bucket: int = 8, epoch_size: int = 0,
+            epoch_tokens: int = 0) -> list[list[list[int]]]:
     """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index].
+
+    Capped epochs (`epoch_size` examples, or as many as hold `epoch_tokens` tokens at the data's
+    mean length; see epoch_cap): an epoch is the next that many indices of a stream of seeded
+    shuffles of all n (each shuffle used up before the next begins), so a capped run sees every
+    example once before any repeats, and its cost per epoch stays fixed as the data grows.
 
     With `lengths`, batches are length-grouped: the shuffle is cut into chunks of `bucket`
     batches, each chunk sorted by length and cut into batches, and the batch order shuffled
@@ -125,15 +143,23 @@ def batches(n: int, batch_size: int, epochs: int, seed: int,
     ended the base at loss 0.71 (oppu ROUGE-1 0.83), chunks of 8 at 0.56 (0.94), unsorted at 0.47.
     Without `lengths` (per-user training) the plain shuffle, as the paper's loop draws it."""
     g = torch.Generator().manual_seed(seed)
+    epoch_size = epoch_cap(n, epoch_size, epoch_tokens, lengths, batch_size)
     out = []
+    stream: list[int] = []
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).tolist()
+        if 0 < epoch_size < n:
+            while len(stream) < epoch_size:
+                stream += torch.randperm(n, generator=g).tolist()
+            perm, stream = stream[:epoch_size], stream[epoch_size:]
+        else:
+            perm = torch.randperm(n, generator=g).tolist()
+        m = len(perm)
         if lengths is None:
-            out.append([perm[i:i + batch_size] for i in range(0, n, batch_size)])
+            out.append([perm[i:i + batch_size] for i in range(0, m, batch_size)])
             continue
         chunk = batch_size * bucket
         epoch = []
-        for c in range(0, n, chunk):
+        for c in range(0, m, chunk):
             part = sorted(perm[c:c + chunk], key=lambda i: lengths[i])
             epoch += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
         order = torch.randperm(len(epoch), generator=g).tolist()

@@ -138,7 +138,7 @@ class Trainer:
                  tokens_per_forward: int = TOKENS_PER_FORWARD, start: Mapping[str, tuple] | None = None,
                  order_seeds: Mapping[str, int] | None = None, group_by_length: bool = False,
                  on_step: Callable[[int, dict[str, float]], None] | None = None, reuse_prefix: bool = True,
-                 reserve: int | None = None) -> None:
+                 reserve: int | None = None, epoch_size: int = 0) -> None:
         if max_users_per_batch < 1 or tokens_per_forward < 1:
             raise ValueError(f"max_users_per_batch and tokens_per_forward must be >= 1, got "
                              f"{max_users_per_batch}, {tokens_per_forward}")
@@ -148,7 +148,7 @@ class Trainer:
         self.on_user_done, self.on_step = on_user_done, on_step
         self.pause: Callable[[], object] | None = None  # runs between a step's chunks and between encode chunks
         start, order_seeds = start or {}, order_seeds or {}
-        self.max_len, self.group_by_length = max_len, group_by_length
+        self.max_len, self.group_by_length, self.epoch_size = max_len, group_by_length, epoch_size
         self.waiting: deque[_Run] = deque()
         for uid, exs in examples_by_user.items():
             self.waiting.append(self._new_run(uid, exs, start.get(uid), order_seeds.get(uid)))
@@ -173,7 +173,7 @@ class Trainer:
             data += encode(self.tok, exs[i:i + ENCODE_CHUNK], self.max_len)
         seed = user_seed(self.seed, uid) if order_seed is None else order_seed
         plan = batches(len(data), self.ucfg.batch_size, self.ucfg.epochs, seed,
-                       [len(e.ids) for e in data] if self.group_by_length else None)
+                       [len(e.ids) for e in data] if self.group_by_length else None, epoch_size=self.epoch_size)
         return _Run(uid, data, [(e, idx) for e, epoch in enumerate(plan) for idx in epoch], start)
 
     def add(self, uid: str, examples: Sequence, start: tuple | None = None, order_seed: int | None = None) -> None:
@@ -333,10 +333,11 @@ def train_users(base, tok, examples_by_user: Mapping[str, Sequence], pcfg, ucfg,
 
 def train_full(model, tok, examples: Sequence, cfg, seed: int, max_len: int,
                on_step: Callable[[int, float], None] | None = None,
-               tokens_per_forward: int = TOKENS_PER_FORWARD) -> list[float]:
+               tokens_per_forward: int = TOKENS_PER_FORWARD, epoch_size: int = 0) -> list[float]:
     """Train every weight of `model` (AdamW, warm-up + cosine, clip 1.0, length-grouped batches) with
-    the engine's target-only loss; returns the mean loss of each epoch (token-weighted)."""
-    data = encode(tok, examples, max_len)
+    the engine's target-only loss; returns the mean loss of each epoch (token-weighted). `examples`
+    may come encoded already (engine.encode); `epoch_size` caps examples per epoch (batches)."""
+    data = list(examples) if examples and isinstance(examples[0], Encoded) else encode(tok, examples, max_len)
     if not data:
         raise ValueError("no training examples")
     params = [p for p in model.parameters()]
@@ -344,7 +345,7 @@ def train_full(model, tok, examples: Sequence, cfg, seed: int, max_len: int,
         p.requires_grad_(True)
     decoder, head = decoder_and_head(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=getattr(cfg, "weight_decay", 0.0))
-    plan = batches(len(data), cfg.batch_size, cfg.epochs, seed, [len(e.ids) for e in data])
+    plan = batches(len(data), cfg.batch_size, cfg.epochs, seed, [len(e.ids) for e in data], epoch_size=epoch_size)
     total = sum(len(e) for e in plan)
     warmup = warmup_steps(total, cfg.warmup_ratio)
     model.train()

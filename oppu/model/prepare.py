@@ -36,6 +36,13 @@ def tokenizer_corpus(task, others: list[User], test: list[User]) -> list[str]:
     return out
 
 
+def _bt_key(bt) -> str:
+    """The task-adaptation settings in the base's cache key; max_tokens appears only when set, so
+    keys from before it existed still name the same bases."""
+    text = str(bt)
+    return text.replace(", max_tokens=0)", ")") if not bt.max_tokens else text
+
+
 def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], profile_fn, log, progress,
                  on_model: Callable[[Any, Any], None] = lambda m, t: None):
     """Load (or build and cache) the task-adapted base. Returns (model, tok, info).
@@ -49,12 +56,14 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
     from oppu.model.base import build_tiny_base, load_base, resolve_base_path
     from oppu.model.task_adapt import adapt_base
 
-    variants = variants_for(cfg.methods)
-    key = fingerprint({"task": task.id, "base": cfg.base, "seed": cfg.seed, "bt": cfg.base_train,
+    variants, bt = variants_for(cfg.methods), cfg.base_train
+    key = fingerprint({"task": task.id, "base": cfg.base, "seed": cfg.seed, "bt": _bt_key(bt),
                        "k": cfg.k, "retriever": cfg.retriever, "variants": variants, "style": cfg.prompt_style,
                        "profile": cfg.profile, "max_len": cfg.max_prompt_tokens,
                        "data": data_fingerprint(others),
-                       "test": data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 3})
+                       "test": data_fingerprint(test, golds=False) if cfg.is_tiny else "", "v": 3,
+                       # a capped run of 2+ epochs draws a fresh sample per epoch since key v3
+                       **({"draw": "per-epoch"} if (bt.max_examples or bt.max_tokens) and bt.epochs > 1 else {})})
     cached = cfg.cache_root() / "bases" / f"{task.id}-{key}"
     if (cached / "oppu_base.json").exists():
         log(f"base: reusing cached task-adapted base {cached}")
@@ -80,18 +89,19 @@ def prepare_base(cfg: RunConfig, task, others: list[User], test: list[User], pro
     if cfg.base_train.epochs > 0:  # no task adaptation: no examples to build (nor LLM profiles to write)
         pt = progress.add_task("base examples", total=len(others))
         exs = base_examples(task, others, variants, cfg.k, cfg.retriever, profile_fn, cfg.seed, cfg.prompt_style,
-                            progress=lambda n: progress.advance(pt, n), max_examples=cfg.base_train.max_examples)
+                            progress=lambda n: progress.advance(pt, n),
+                            max_examples=cfg.base_train.max_examples * cfg.base_train.epochs)
     info: dict[str, Any] = {"params": n_params, "source": cfg.base,
                             "prompt_style": "chat" if getattr(tok, "oppu_chat", False) else cfg.prompt_style}
     if not cfg.is_tiny:
         info["origin"] = origin
     if cfg.base_train.epochs > 0 and exs:
-        n = min(len(exs), cfg.base_train.max_examples or len(exs))
-        steps = cfg.base_train.epochs * ((n + cfg.base_train.batch_size - 1) // cfg.base_train.batch_size)
-        bt = progress.add_task("task adaptation", total=steps)
+        task_ids: list[int] = []
         model, ad = adapt_base(model, tok, exs, cfg.base_train, full=cfg.is_tiny, seed=cfg.seed,
-                               max_len=cfg.max_prompt_tokens, on_step=lambda s, l: progress.advance(bt, 1))
-        info.update(task_adaptation=ad["mode"], losses=ad["losses"], examples=ad["examples"])
+                               max_len=cfg.max_prompt_tokens, on_step=lambda s, l: progress.advance(task_ids[0], 1),
+                               on_plan=lambda steps: task_ids.append(progress.add_task("task adaptation", total=steps)))
+        info.update(task_adaptation=ad["mode"], losses=ad["losses"],
+                    **{k: ad[k] for k in ("examples", "examples_per_epoch", "tokens_per_epoch", "steps")})
         log(f"base: task adaptation ({ad['mode']}) on {ad['examples']} examples from {len(others)} users, "
             f"loss {ad['losses'][0]:.3f} -> {ad['losses'][-1]:.3f}")
     else:

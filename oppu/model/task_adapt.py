@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import random
 from typing import Callable, Sequence
 
 from oppu.config import BaseTrainConfig, UserTrainConfig
@@ -19,27 +18,38 @@ BASE_ID = "task-adaptation"  # the one "user" of the LoRA trained for the base
 
 
 def adapt_base(model, tok, examples: Sequence, cfg: BaseTrainConfig, full: bool, seed: int, max_len: int,
-               on_step: Callable[[int, float], None] | None = None):
-    """Returns (adapted model, info dict with mode, losses, examples, steps)."""
-    from oppu.engine import train_full
+               on_step: Callable[[int, float], None] | None = None,
+               on_plan: Callable[[int], None] | None = None):
+    """Returns (adapted model, info dict with mode, losses, examples, examples_per_epoch,
+    tokens_per_epoch, steps). With cfg.max_examples / cfg.max_tokens, each epoch trains on the next
+    that many examples of a seeded stream of shuffles of `examples` (engine.batching.batches):
+    a fixed cost per epoch however large the data, and every example seen once before any
+    repeats. `on_plan(steps)` is told the number of optimizer steps before the first one."""
+    from oppu.engine import encode, train_full
+    from oppu.engine.batching import epoch_cap
 
     exs = list(examples)
-    if cfg.max_examples and len(exs) > cfg.max_examples:
-        exs = random.Random(seed).sample(exs, cfg.max_examples)
+    data = encode(tok, exs, max_len)
+    lengths = [len(e.ids) for e in data]
+    per_epoch = epoch_cap(len(data), cfg.max_examples, cfg.max_tokens, lengths, cfg.batch_size)
+    steps = cfg.epochs * ((per_epoch + cfg.batch_size - 1) // cfg.batch_size)
+    if on_plan:
+        on_plan(steps)
     if full:
-        losses = train_full(model, tok, exs, cfg, seed, max_len, on_step=on_step)
+        losses = train_full(model, tok, data, cfg, seed, max_len, on_step=on_step, epoch_size=per_epoch)
         mode = "full"
     else:
-        losses = _lora_merged(model, tok, exs, cfg, seed, max_len, on_step)
+        losses = _lora_merged(model, tok, exs, cfg, seed, max_len, on_step, per_epoch)
         mode = "lora-merged"
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    steps = cfg.epochs * ((len(exs) + cfg.batch_size - 1) // cfg.batch_size)
-    return model, {"mode": mode, "losses": losses, "examples": len(exs), "steps": steps}
+    return model, {"mode": mode, "losses": losses, "examples": len(exs), "examples_per_epoch": per_epoch,
+                   "tokens_per_epoch": round(per_epoch * sum(lengths) / max(1, len(lengths))), "steps": steps}
 
 
-def _lora_merged(model, tok, exs, cfg: BaseTrainConfig, seed: int, max_len: int, on_step) -> list[float]:
+def _lora_merged(model, tok, exs, cfg: BaseTrainConfig, seed: int, max_len: int, on_step,
+                 epoch_size: int) -> list[float]:
     from peft import LoraConfig
 
     from oppu.engine import Trainer
@@ -54,7 +64,7 @@ def _lora_merged(model, tok, exs, cfg: BaseTrainConfig, seed: int, max_len: int,
     module = {}
     trainer = Trainer(model, tok, {BASE_ID: exs}, pcfg, ucfg, seed, max_len, 1,
                       on_user_done=lambda uid, losses, config, state: module.update(config=config, state=state),
-                      order_seeds={BASE_ID: seed}, group_by_length=True,
+                      order_seeds={BASE_ID: seed}, group_by_length=True, epoch_size=epoch_size,
                       on_step=(lambda n, losses: on_step(n, losses[BASE_ID])) if on_step else None)
     losses = trainer.run()[BASE_ID]
     merge_lora(model, module["config"], module["state"])
