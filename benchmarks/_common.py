@@ -115,6 +115,23 @@ def world_users(tmp: Path, n_users: int, min_history: int, max_history: int, see
     return ds.splits["dev"], get_task(task_id)
 
 
+def data_users(data_dir: str | Path, task_id: str, n_users: int, min_history: int, max_history: int):
+    """(users, Task) from a LaMP directory: the first `n_users` (by user id) of its dev split with at
+    least `min_history` history items, each cut to the `max_history` most recent (real text, e.g.
+    ../shared/data/commits-numpy with --task LaMP_4)."""
+    import dataclasses
+
+    from oppu.data.users import load_lamp_dir
+    from oppu.tasks import get_task
+
+    ds = load_lamp_dir(Path(data_dir), task_id)
+    pool = sorted((u for u in ds.splits["dev"] if len(u.history) >= min_history), key=lambda u: u.user_id)
+    if len(pool) < n_users:
+        raise SystemExit(f"{data_dir}: only {len(pool)} dev users have >= {min_history} history items; "
+                         f"asked for {n_users}")
+    return [dataclasses.replace(u, history=u.history[-max_history:]) for u in pool[:n_users]], get_task(task_id)
+
+
 def plain_examples(task, users, style: str = "compact") -> dict[str, list]:
     """{user id: the user's history as plain-prompt training examples} (no retrieval, no profile)."""
     from oppu.examples import history_examples

@@ -14,9 +14,10 @@ and loss (target tokens only), on the same freshly built base:
 The arms alternate every --chunk-users users (and take turns going first), so on shared cores
 both see the same drift in load; each arm's time is the sum over its chunks. Each arm also
 reports `cpu_s`, this process's CPU time (with one torch thread, the steadier measure of the work
-on shared cores) and `ratio_vs_sequential_peft_cpu`. Users come from a
-synthetic LaMP_2M world (~40 history items each, plain prompts). The last stdout
-line is one JSON object: users_per_hour of each arm, ratio_vs_sequential_peft, both arms' final
+on shared cores) and `ratio_vs_sequential_peft_cpu`. Users come from a synthetic world of --task
+(LaMP_2M by default; ~40 history items each, plain prompts), or with --data from a LaMP
+directory's dev split (real text: --data ../shared/data/commits-numpy --task LaMP_4). The last
+stdout line is one JSON object: users_per_hour of each arm, ratio_vs_sequential_peft, both arms' final
 losses (mean over users of the last epoch's token-weighted loss) and their relative difference,
 achieved FLOP/s and MFU, machine details.
 
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (corpus_of, emit, load_bench_base, machine_info, matmul_params, mean, peak_matmul_flops,
+from _common import (corpus_of, data_users, emit, load_bench_base, machine_info, matmul_params, mean, peak_matmul_flops,
                      peft_train_user, peft_trainer_user, plain_examples, resolve, set_threads, timed_cpu, world_users)
 
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top-layers", type=int, default=0, help="modules on the last N decoder layers only (0 = all)")
     ap.add_argument("--arms", default="both", choices=("both", "batched"),
                     help="batched: oppu's trainer alone (no PEFT arm, no ratio)")
+    ap.add_argument("--data", default="", help="a LaMP directory: users from its dev split (default: a synthetic "
+                                              "LaMP_2M world)")
+    ap.add_argument("--task", default="LaMP_2M", help="the task of --data (e.g. LaMP_4 for commits-numpy)")
     ap.add_argument("--min-history", type=int, default=36)
     ap.add_argument("--max-history", type=int, default=44)
     ap.add_argument("--max-len", type=int, default=384)
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
                            top_layers=args.top_layers)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        users, task = world_users(tmp, args.users, args.min_history, args.max_history, args.seed)
+        if args.data:
+            users, task = data_users(args.data, args.task, args.users, args.min_history, args.max_history)
+        else:
+            users, task = world_users(tmp, args.users, args.min_history, args.max_history, args.seed, task_id=args.task)
         examples = plain_examples(task, users, "compact" if tiny else "full")
         model, tok = load_bench_base(base, tmp / "base", corpus_of(examples), device, args.seed)
         n_mm = matmul_params(model)
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "flops_per_s": round(f4 / t), "mfu_4n": round(f4 / t / peak, 4),
                 "flops_per_s_6n": round(f6 / t), "mfu_6n": round(f6 / t / peak, 4)}
     result = {
-        "benchmark": "train_users", "users": len(examples), "peft": args.peft, "preset": args.preset,
+        "benchmark": "train_users", "users": len(examples), "data": args.data or f"synthetic {args.task}", "peft": args.peft, "preset": args.preset,
         "baseline": args.baseline, "epochs": args.epochs, "batch_size": args.batch_size,
         "max_users_per_batch": args.max_users_per_batch, "tokens_per_forward": tpf, "chunk_users": args.chunk_users,
         "examples": sum(map(len, examples.values())), "train_tokens": tokens, "matmul_params": n_mm,
