@@ -8,7 +8,8 @@ over test users of each arm's gap to the first arm.
     python benchmarks/task_adapt_scale.py --data ../shared/data/commits-numpy --arms capped,uncapped
     python benchmarks/task_adapt_scale.py --data ../shared/data/commits-numpy --resample 120x120 --arms capped
 
-Arms: `capped` (the base's defaults), `uncapped` (base_train.max_tokens: 0 and max_examples: 0).
+Arms: `capped` (the base's defaults, or base_train.max_tokens = --capped-tokens), `uncapped`
+(base_train.max_tokens: 0 and max_examples: 0).
 `--resample UxI` first writes a stress world: U other users of I items each, drawn (seeded,
 without replacement within a user) from the real history items of the directory's train users,
 each with one question made from a further item; the test users (dev split) are kept as they are.
@@ -59,7 +60,10 @@ def run_arm(name: str, data: Path, out: Path, args) -> dict:
     """One `oppu run` of the arm on a fresh cache; its facts from run.json and metrics.json."""
     arm_out = out / name
     cfg = out / f"{name}.yaml"
-    cfg.write_text(json.dumps(ARMS[name]))    # JSON is YAML
+    arm = ARMS[name]
+    if name == "capped" and args.capped_tokens is not None:
+        arm = {"base_train": {"max_tokens": args.capped_tokens}}
+    cfg.write_text(json.dumps(arm))    # JSON is YAML
     cmd = [sys.executable, "-m", "oppu.cli", "run", "--task", args.task, "--data", str(data), "--base", args.base,
            "--test-users", str(args.test_users), "--methods", "non_personalized", "--out", str(arm_out),
            "--config", str(cfg)]
@@ -113,6 +117,8 @@ def main() -> None:
     ap.add_argument("--test-users", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="keep runs here (default: a temporary directory)")
+    ap.add_argument("--capped-tokens", type=int, default=None, help="the capped arm's base_train.max_tokens "
+                                                                    "(default: the base's default)")
     ap.add_argument("--reuse", action="store_true", help="read an arm's earlier run in --out instead of rerunning it")
     args = ap.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
