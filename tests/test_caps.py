@@ -106,7 +106,8 @@ def test_capped_epochs_see_every_example_once_before_any_repeats():
     assert sorted(set(stream)) == list(range(50))     # every example within the 120 draws
     # uncapped (or a cap at n) is the plain per-epoch shuffle, draw for draw
     assert batches(50, 4, 3, 2, lengths) == batches(50, 4, 3, 2, lengths, epoch_size=50)
-    assert batches(50, 4, 3, 2, lengths) == batches(50, 4, 3, 2, lengths, epoch_tokens=10 ** 6)
+    assert batches(50, 4, 3, 2, lengths) == batches(50, 4, 3, 2, lengths,
+                                                  epoch_size=epoch_cap(50, max_tokens=10 ** 6, lengths=lengths))
     # a token cap: as many examples as the tokens hold at the mean length, never under one batch
     assert epoch_cap(50, max_tokens=sum(lengths) // 2, lengths=lengths, batch_size=4) == 25
     assert epoch_cap(50, max_tokens=1, lengths=lengths, batch_size=4) == 4

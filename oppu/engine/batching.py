@@ -127,14 +127,13 @@ def epoch_cap(n: int, max_examples: int = 0, max_tokens: int = 0, lengths: Seque
 
 
 def batches(n: int, batch_size: int, epochs: int, seed: int,
-            lengths: Sequence[int] | None = None, bucket: int = 8, epoch_size: int = 0,
-            epoch_tokens: int = 0) -> list[list[list[int]]]:
+            lengths: Sequence[int] | None = None, bucket: int = 8, epoch_size: int = 0) -> list[list[list[int]]]:
     """Per epoch, a seeded shuffle cut into batches: [epoch][batch][example index].
 
-    Capped epochs (`epoch_size` examples, or as many as hold `epoch_tokens` tokens at the data's
-    mean length; see epoch_cap): an epoch is the next that many indices of a stream of seeded
-    shuffles of all n (each shuffle used up before the next begins), so a capped run sees every
-    example once before any repeats, and its cost per epoch stays fixed as the data grows.
+    Capped epochs (0 < `epoch_size` < n, e.g. from epoch_cap): an epoch is the next epoch_size
+    indices of a stream of seeded shuffles of all n (each shuffle used up before the next begins),
+    so a capped run sees every example once before any repeats, and its cost per epoch stays fixed
+    as the data grows.
 
     With `lengths`, batches are length-grouped: the shuffle is cut into chunks of `bucket`
     batches, each chunk sorted by length and cut into batches, and the batch order shuffled
@@ -143,7 +142,6 @@ def batches(n: int, batch_size: int, epochs: int, seed: int,
     ended the base at loss 0.71 (oppu ROUGE-1 0.83), chunks of 8 at 0.56 (0.94), unsorted at 0.47.
     Without `lengths` (per-user training) the plain shuffle, as the paper's loop draws it."""
     g = torch.Generator().manual_seed(seed)
-    epoch_size = epoch_cap(n, epoch_size, epoch_tokens, lengths, batch_size)
     out = []
     stream: list[int] = []
     for _ in range(epochs):
