@@ -58,6 +58,27 @@ def test_mixed_batch_of_different_peft_types(base, tmp_path):
     _check_rows(model, tok, adapters, ["prompt", "ia3", None, "lora-qv", "lora-all"])
 
 
+def test_rows_that_stop_leave_the_batch_and_the_others_decode_on_unchanged(base, tmp_path):
+    """Finished rows are dropped from the decode batch (and its KV cache and row context): with stop
+    tokens that end rows at different steps, every row is its unstopped text cut at its first stop."""
+    model, tok = base
+    adapters = {k: random_adapter(model, k, i, tmp_path / k) for i, k in enumerate(KINDS)}
+    users = ["prompt", "ia3", None, "lora-qv", "lora-all"]
+    seqs = tokenize_prompts(tok, PROMPTS, 384)
+    with MultiUserModel(model) as mm:
+        for u in dict.fromkeys(u for u in users if u is not None):
+            mm.add_user(u, *read_adapter(adapters[u]))
+        free, _ = greedy_rows(model, seqs, users, 12, set(), tok.pad_token_id, mm)
+        stop = {free[0][2], free[3][5]}       # row 0 stops by step 2, row 3 by step 5, the rest whenever
+        cut, _ = greedy_rows(model, seqs, users, 12, stop, tok.pad_token_id, mm)
+        again = generate(model, tok, PROMPTS, 12, users=users, mm=mm)   # the row context is left clean
+    want = [next((row[:i] for i, t in enumerate(row) if t in stop), row) for row in free]
+    assert cut == want
+    assert min(map(len, cut)) <= 2 and max(map(len, cut)) == 12     # rows left early while others went on
+    assert again == generate_mixed(model, tok, PROMPTS, users, adapters, 12)
+    assert mm.ctx.rows == {}
+
+
 def test_slots_are_freed_reused_and_grown_without_touching_other_users(base, tmp_path):
     model, tok = base
     d = {k: random_adapter(model, k, i, tmp_path / k) for i, k in enumerate(["lora-qv", "ia3", "prompt"])}

@@ -61,31 +61,44 @@ def greedy_rows(base, seqs: Sequence[Sequence[int]], users: Sequence[str | None]
         inputs = _plain_inputs(base, ids, att)
     out = base(**inputs, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float()
-    mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-    n = len(seqs)
-    done = [False] * n
-    gen: list[list[int]] = [[] for _ in range(n)]
-    logits = first
     try:
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)                                              # [N]
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t in stop:
-                        done[i] = True
-                    else:
-                        gen[i].append(t)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-            pos = pos + 1
-            out = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                       **{cache_kw: out.get(cache_kw)})
-            logits = out.logits[:, -1].float()
+        gen = _decode_loop(base, out, cache_kw, first, inputs["attention_mask"], inputs["position_ids"][:, -1:],
+                           max_new_tokens, stop, mm)
     finally:
         if mm is not None:
             mm.ctx.clear()
     return gen, first
+
+
+def _decode_loop(base, out, cache_kw: str, logits: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 max_new_tokens: int, stop: set[int], mm: MultiUserModel | None) -> list[list[int]]:
+    """Greedy steps from the prefill's `out`; rows that reached a stop token leave the batch (their
+    cache rows and row context are dropped), so late steps compute only the rows still writing."""
+    n = logits.shape[0]
+    gen: list[list[int]] = [[] for _ in range(n)]
+    live = list(range(n))                                                    # batch position -> row
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)                                              # [M]
+        keep = []
+        for j, t in enumerate(nxt.tolist()):
+            if t in stop:
+                continue
+            gen[live[j]].append(t)
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        cache = out.get(cache_kw)
+        if len(keep) < len(live):
+            idx = torch.tensor(keep, device=mask.device)
+            live, nxt, mask, pos = [live[j] for j in keep], nxt[idx], mask[idx], pos[idx]
+            cache.batch_select_indices(idx)
+            if mm is not None:
+                mm.ctx.rows = {k: v[idx] for k, v in mm.ctx.rows.items()}
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        pos = pos + 1
+        out = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+        logits = out.logits[:, -1].float()
+    return gen
 
 
 def generate(base, tok, prompts: Sequence[str], max_new_tokens: int, *, users: Sequence[str | None] | None = None,
