@@ -52,9 +52,15 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, dict]:
+def runs(tmp_path_factory) -> dict[str, dict]:
+    from oppu.data.synth import synth_world
+    world = tmp_path_factory.mktemp("lamp4")
+    synth_world("LaMP_4", world, seed=1, test_users=2, other_users=4, min_history=6, max_history=8)
+    runs = {**RUNS, "task_adapt_scale": ("task_adapt_scale", [
+        "--data", str(world), "--resample", "20x6", "--arms", "uncapped,capped", "--capped-tokens", "2000",
+        "--base", "tiny:micro", "--test-users", "2"])}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), json.dumps(RUNS)], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT), json.dumps(runs)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -64,7 +70,7 @@ def _result(runs, name: str) -> dict:
     r = runs[name]
     assert r["rc"] == 0, r["error"]
     res = json.loads(r["stdout"].strip().splitlines()[-1])  # the last stdout line
-    assert res["benchmark"] == RUNS[name][0] and MACHINE <= set(res["machine"])
+    assert res["benchmark"] == (RUNS[name][0] if name in RUNS else name) and MACHINE <= set(res["machine"])
     return res
 
 
@@ -161,3 +167,18 @@ def test_instant_serve(runs):
     assert res["ratio_first_answer"] == pytest.approx(res["trained"]["first_answer"]["p50_ms"]
                                                       / res["instant"]["first_answer"]["p50_ms"], rel=0.01)
     assert res["trained"]["first_answer"]["p50_ms"] > res["trained"]["train"]["p50_ms"] * 0.99
+
+
+def test_task_adapt_scale(runs):
+    r = _result(runs, "task_adapt_scale")
+    assert r["resample"]["other_users"] == 20 and r["resample"]["items_per_user"] == 6
+    un, cap = r["arms"]["uncapped"], r["arms"]["capped"]
+    assert cap["tokens_per_epoch"] <= 2000 < un["tokens_per_epoch"]  # over one batch (32 rows), so the cap binds
+    assert cap["examples"] == un["examples"] and cap["examples_per_epoch"] < un["examples_per_epoch"]
+    # pinned: 140 examples of 4,540 tokens; 2,000 tokens at their mean length hold int(2000 * 140 / 4540) = 61
+    assert (un["examples"], un["tokens_per_epoch"], cap["examples_per_epoch"]) == (140, 4540, 61)
+    assert cap["steps"] < un["steps"] and cap["base_s"] > 0 and un["base_s"] > 0
+    assert set(cap["score"]) == {"rouge-1", "rouge-L"}
+    gap = r["gap_vs_uncapped"]["capped"]["rouge-1"]
+    assert gap["lo"] <= gap["mean"] <= gap["hi"]
+    assert r["time_ratio_capped_vs_uncapped"] > 0
