@@ -71,12 +71,12 @@ def test_rows_that_stop_leave_the_batch_and_the_others_decode_on_unchanged(base,
         free, _ = greedy_rows(model, seqs, users, 12, set(), tok.pad_token_id, mm)
         stop = {free[0][2], free[3][5]}       # row 0 stops by step 2, row 3 by step 5, the rest whenever
         cut, _ = greedy_rows(model, seqs, users, 12, stop, tok.pad_token_id, mm)
-        again = generate(model, tok, PROMPTS, 12, users=users, mm=mm)   # the row context is left clean
+        assert mm.ctx.rows == {}                                          # the row context is left clean
+        again = generate(model, tok, PROMPTS, 12, users=users, mm=mm)
     want = [next((row[:i] for i, t in enumerate(row) if t in stop), row) for row in free]
     assert cut == want
     assert min(map(len, cut)) <= 2 and max(map(len, cut)) == 12     # rows left early while others went on
     assert again == generate_mixed(model, tok, PROMPTS, users, adapters, 12)
-    assert mm.ctx.rows == {}
 
 
 def test_slots_are_freed_reused_and_grown_without_touching_other_users(base, tmp_path):
