@@ -79,6 +79,17 @@ def test_rows_that_stop_leave_the_batch_and_the_others_decode_on_unchanged(base,
     assert again == generate_mixed(model, tok, PROMPTS, users, adapters, 12)
 
 
+def test_an_error_in_the_prefill_leaves_the_row_context_clean(base, tmp_path):
+    model, tok = base
+    with MultiUserModel(model) as mm:
+        mm.add_user("u", *read_adapter(random_adapter(model, "lora-qv", 0, tmp_path / "u")))
+        with pytest.raises(IndexError):           # a token id past the vocabulary fails in the embedding
+            greedy_rows(model, [[1, model.config.vocab_size + 3]], ["u"], 2, set(), tok.pad_token_id, mm)
+        assert mm.ctx.rows == {}
+        ok, _ = greedy_rows(model, [[1, 5]], ["u"], 2, set(), tok.pad_token_id, mm)   # and the next call runs
+    assert len(ok[0]) == 2
+
+
 def test_slots_are_freed_reused_and_grown_without_touching_other_users(base, tmp_path):
     model, tok = base
     d = {k: random_adapter(model, k, i, tmp_path / k) for i, k in enumerate(["lora-qv", "ia3", "prompt"])}

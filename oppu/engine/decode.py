@@ -59,9 +59,9 @@ def greedy_rows(base, seqs: Sequence[Sequence[int]], users: Sequence[str | None]
         if mm is not None:
             mm.ctx.clear()
         inputs = _plain_inputs(base, ids, att)
-    out = base(**inputs, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1].float()
-    try:
+    try:  # the prefill inside too: an error there must not leave these rows' context set
+        out = base(**inputs, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float()
         gen = _decode_loop(base, out, cache_kw, first, inputs["attention_mask"], inputs["position_ids"][:, -1:],
                            max_new_tokens, stop, mm)
     finally:
