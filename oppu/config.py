@@ -25,7 +25,7 @@ INSTANT_METHODS = ("instant", "instant_rag", "instant_pag")
 METHODS = DEFAULT_METHODS + INSTANT_METHODS
 USER_MODULE_METHODS = ADAPTER_METHODS + INSTANT_METHODS   # every method whose rows carry a user module
 INSTANT_MIXES = ("knn", "uniform")
-INSTANT_SELECTS = ("grad", "loss", "tfidf")
+INSTANT_SELECTS = ("router", "grad", "loss", "tfidf")
 PEFT_TYPES = ("lora", "prompt_tuning", "ia3")
 RETRIEVERS = ("bm25", "dense", "recency")
 PROFILES = ("auto", "statistical", "llm")
@@ -82,20 +82,25 @@ class InstantConfig:
     top_k: tuple[int, ...] = (1, 4, 8, 16)                    # grid: bank modules mixed per user
     temperature: tuple[float, ...] = (0.01, 0.03, 0.1, 1.0)   # grid: softmax(affinity / temperature)
     mix: str = "knn"                     # knn (the top_k by affinity) | uniform (the whole bank, no user signal)
-    # affinity of a bank module to a user: grad (cosine of its weight change with the user's probe items'
-    # descent direction, one backward) | loss (the probe items' loss under it) | tfidf (history text cosine)
-    select: str = "grad"
+    # affinity of a bank module to a user: router (grad's ranking predicted from one forward's features,
+    # learned on non-test users) | grad (cosine of its weight change with the user's probe items' descent
+    # direction, one backward) | loss (the probe items' loss under it) | tfidf (history text cosine)
+    select: str = "router"
+    router_users: int = 256              # select=router: non-test users (outside val_users) it learns from
+    threads: int = 0                     # torch threads while writing modules; 0 = 1 under 20M parameters
     candidates: int = 16                 # select=loss: modules scored, the most similar histories (TF-IDF) first
-    probe_items: int = 8                 # select=grad|loss: the user's most recent N items (plain prompt)
+    probe_items: int = 8                 # select=router|grad|loss: the user's most recent N items (plain prompt)
 
     def __post_init__(self) -> None:
         if self.mix not in INSTANT_MIXES:
             raise ValueError(f"unknown instant.mix {self.mix!r}; valid: {', '.join(INSTANT_MIXES)}")
         if self.select not in INSTANT_SELECTS:
             raise ValueError(f"unknown instant.select {self.select!r}; valid: {', '.join(INSTANT_SELECTS)}")
-        if self.candidates < 1 or self.probe_items < 1:
-            raise ValueError(f"instant: candidates and probe_items must be >= 1 (got {self.candidates}, "
-                             f"{self.probe_items})")
+        if self.threads < 0:
+            raise ValueError(f"instant.threads must be >= 0 (0 = automatic), got {self.threads}")
+        if self.candidates < 1 or self.probe_items < 1 or self.router_users < 4:
+            raise ValueError(f"instant: candidates and probe_items must be >= 1 and router_users >= 4 (got "
+                             f"{self.candidates}, {self.probe_items}, {self.router_users})")
         if self.bank_users < 1 or self.val_users < 0 or self.val_items < 1:
             raise ValueError(f"instant: bank_users >= 1, val_users >= 0, val_items >= 1 (got {self.bank_users}, "
                              f"{self.val_users}, {self.val_items})")

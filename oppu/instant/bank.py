@@ -34,8 +34,12 @@ from oppu.fingerprint import data_fingerprint, fingerprint
 from oppu.instant.grad import GradScorer
 from oppu.instant.mix import LoraStack, check_mixable, knn_weights, mix_modules, uniform_weights
 from oppu.instant.represent import HistoryVectors, history_text
+from oppu.instant.router import PENALTIES, Router, RouterScorer, fit_router, probe_features
 from oppu.instant.tune import LossScorer, heldout_losses, pick
 from oppu.store.files import safe_user_dir
+
+
+MIN_ROUTER_USERS = 8                     # fewer: the gradient ranking itself, said in the log and run.json
 
 
 @dataclasses.dataclass
@@ -48,27 +52,33 @@ class Bank:
     mix: str = "knn"
     top_k: int = 8
     temperature: float = 0.1
-    select: str = "tfidf"                # affinity: "loss" (needs a scorer and probe_fn) | "tfidf"
+    select: str = "tfidf"                # affinity: "router" | "grad" | "loss" (need a scorer and probe_fn) | "tfidf"
     candidates: int = 16
     probe_fn: Any = None                 # items -> the probe examples scored under candidate modules
     info: dict = dataclasses.field(default_factory=dict)
+    router: Router | None = None         # select="router": learned by open_bank
     _stack: Any = dataclasses.field(default=None, repr=False)
 
     def scorer(self, model, tok, max_len: int, tokens_per_forward: int = 1024):
-        """The context select="grad" (GradScorer) or "loss" (LossScorer: every bank module held in the
-        base) scores users in; a no-op for "tfidf"."""
+        """The context select="router" (RouterScorer), "grad" (GradScorer) or "loss" (LossScorer: every
+        bank module held in the base) scores users in; a no-op for "tfidf"."""
+        if self.select == "router":
+            if self.router is None:
+                raise ValueError("select='router' needs the bank's router (open_bank learns it)")
+            return RouterScorer(model, tok, self.router, max_len, tokens_per_forward)
         cls = {"grad": GradScorer, "loss": LossScorer}.get(self.select)
         return cls(model, tok, self.modules, max_len, tokens_per_forward) if cls else contextlib.nullcontext()
 
     def affinities(self, items: Sequence[dict], scorer=None) -> np.ndarray:
         """[n_bank] how well each bank module suits a user with these (their own) history items:
         select="grad", the cosine of the module's weight change with the user's probe items' descent
-        direction (oppu.instant.grad); "tfidf", the TF-IDF cosine of the histories; "loss", minus the
+        direction (oppu.instant.grad); "router", that cosine as predicted from one forward's features
+        (oppu.instant.router); "tfidf", the TF-IDF cosine of the histories; "loss", minus the
         mean loss of the probe items under each of the `candidates` most similar histories' modules
         (-inf elsewhere)."""
         if self.select != "tfidf" and (scorer is None or self.probe_fn is None):
             raise ValueError(f"select={self.select!r} needs an open bank.scorer(...) and probe_fn")
-        if self.select == "grad":
+        if self.select in ("grad", "router"):
             return scorer.affinities(self.probe_fn(items))
         sims = self.matrix @ self.vectors.vector(history_text(self.task, items))
         if self.select == "tfidf":
@@ -157,6 +167,16 @@ def open_bank(s, methods: Sequence[str]) -> Bank:
                 probe_fn=lambda items: s.p.examples(User("probe", list(items[-ic.probe_items:]), []), ["plain"]),
                 info={"dir": str(root), "cached": cached, "users": len(meta["ids"]), "train_s": meta["train_s"],
                       "val_users": len(val_users)})
+    if ic.select == "router" and ic.mix == "knn":
+        val_ids = {u.user_id for u in val_users}
+        pool = [u for u in s.others if u.user_id not in val_ids and u.history]
+        if len(pool) >= MIN_ROUTER_USERS:
+            open_router(s, bank, root, pool)
+        else:  # said in the log and in run.json's instant.bank (select, router_skipped)
+            bank.select = "grad"
+            bank.info["router_skipped"] = f"{len(pool)} non-test users outside validation, < {MIN_ROUTER_USERS}"
+            s.log(f"instant: only {len(pool)} non-test users to learn a router from (< {MIN_ROUTER_USERS}); "
+                  "ranking bank modules by the gradient (instant.select: grad) instead")
     if c.instant.mix == "knn":
         tune(s, bank, root, val_users, variants)
     bank.info["open_s"] = round(time.perf_counter() - t0, 2)
@@ -195,3 +215,30 @@ def tune(s, bank: Bank, root: Path, val_users: Sequence, variants: Sequence[str]
     choice = json.loads(path.read_text())
     bank.top_k, bank.temperature = choice["top_k"], choice["temperature"]
     bank.info["choice"] = {**choice, "by": f"held-out loss on {len(val_users)} validation users"}
+
+
+def open_router(s, bank: Bank, root: Path, pool: Sequence) -> None:
+    """Set bank.router: learned (oppu.instant.router) on up to `router_users` of `pool` (non-test users
+    outside the validation users; a seeded draw), from their gradient affinities under this bank;
+    cached beside the bank under a key of those users' data and the settings."""
+    ic, c = s.cfg.instant, s.cfg
+    users = sorted(_cut(s, pool), key=lambda u: u.user_id)
+    random.Random(c.seed).shuffle(users)
+    users = users[:ic.router_users]
+    key = fingerprint({"data": data_fingerprint(users), "probe": ic.probe_items, "max_len": c.max_prompt_tokens,
+                       "penalties": PENALTIES, "top_k": ic.top_k, "v": 1})
+    path = root / f"router-{key}.npz"
+    if not path.exists():
+        t0 = time.perf_counter()
+        s.log(f"instant: learning the bank's router from {len(users)} non-test users' gradient rankings")
+        probes = [bank.probe_fn(u.history) for u in users]
+        with GradScorer(s.model, s.tok, bank.modules, c.max_prompt_tokens, c.tokens_per_forward) as g:
+            aff = np.stack([g.affinities(p) for p in probes])
+        feats = np.stack([probe_features(s.model, s.tok, p, c.max_prompt_tokens, c.tokens_per_forward) for p in probes])
+        router = fit_router(feats, aff, ic.top_k)
+        path.with_suffix(".json").write_text(json.dumps({**router.info, "penalty": router.penalty,
+                                                         "seconds": round(time.perf_counter() - t0, 2)}))
+        router.save(path.with_name(path.name + ".tmp.npz"))
+        path.with_name(path.name + ".tmp.npz").rename(path)             # the npz last: it marks the cache done
+    bank.router = Router.load(path, {**json.loads(path.with_suffix(".json").read_text()), "file": str(path)})
+    bank.info["router"] = bank.router.info

@@ -4,8 +4,10 @@ a module mixed from a bank (oppu.instant), published in the store as a version m
 The bank is the one `oppu run --methods ...,instant` built and tuned for its task-adapted base
 (recorded in run.json: its directory, top_k, temperature, probe items), or one built for the
 `--base tiny` server from its built-in world's non-test users. A user's module depends only on that
-user's own latest `probe_items` history items and the fixed bank: the gradient of those items' loss
-through the plain serving base ranks the bank modules (oppu.instant.grad), the top_k are mixed.
+user's own latest `probe_items` history items and the fixed bank: the bank's router (one forward of
+those items through the plain serving base, oppu.instant.router) or, for banks built with
+instant.select: grad, the gradient of their loss (oppu.instant.grad) ranks the bank modules, the
+top_k are mixed.
 
     bank = ServedBank.from_run("runs/x/run.json")     # None when that run built no bank
     config, state, facts = bank.module(p, items)       # p: the service's Personalizer
@@ -23,7 +25,11 @@ from oppu.engine.kinds import kind_of
 from oppu.instant.bank import read_bank
 from oppu.instant.grad import GradScorer
 from oppu.instant.mix import knn_weights, mix_modules, uniform_weights
+from oppu.instant.router import Router, RouterScorer
 from oppu.store.records import INSTANT_NOTE
+
+
+SERVED_SELECTS = ("router", "grad")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ServedBank:
     mix: str = "knn"                     # knn | uniform
     probe_items: int = 8
     info: dict = field(default_factory=dict)
+    router: Router | None = None         # the bank's router; None: the gradient ranking
     _scorers: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,36 +75,41 @@ class ServedBank:
         if not bank:
             return None
         icfg = (run.get("config") or {}).get("instant") or {}
-        if bank.get("select", "grad") != "grad":
-            raise ValueError(f"{p}: its instant bank ranks modules by {bank['select']!r}; the service serves "
-                             "the gradient ranking (instant.select: grad)")
+        select = bank.get("select", "grad")
+        if select not in SERVED_SELECTS:
+            raise ValueError(f"{p}: its instant bank ranks modules by {select!r}; the service serves "
+                             f"{' or '.join(SERVED_SELECTS)} (instant.select)")
+        router = Router.load(Path(bank["router"]["file"]), bank["router"]) if select == "router" else None
         return cls.from_dir(bank["dir"], top_k=int(bank["top_k"]), temperature=float(bank["temperature"]),
                             mix=bank.get("mix", "knn"), probe_items=int(icfg.get("probe_items", 8)),
-                            info={"run": str(p)})
+                            info={"run": str(p)}, router=router)
 
     @classmethod
     def from_bank(cls, bank, probe_items: int) -> "ServedBank":
         """A ServedBank over an oppu.instant.Bank opened in this process (the tiny server's own)."""
-        if bank.select != "grad":
-            raise ValueError(f"the service serves the gradient ranking (instant.select: grad), not {bank.select!r}")
+        if bank.select not in SERVED_SELECTS:
+            raise ValueError(f"the service serves {' or '.join(SERVED_SELECTS)} (instant.select), not {bank.select!r}")
         peft = kind_of(bank.modules[0][0])
         return cls(list(bank.ids), list(bank.modules), peft, bank.top_k, bank.temperature, bank.mix, probe_items,
-                   info={**bank.info, "users": len(bank.ids)})
+                   info={**bank.info, "users": len(bank.ids)}, router=bank.router)
 
     def describe(self) -> dict[str, Any]:
         return {"users": len(self.ids), "peft": self.peft_type, "top_k": self.top_k,
                 "temperature": self.temperature, "mix": self.mix, "probe_items": self.probe_items,
-                "dir": self.info.get("dir")}
+                "select": "router" if self.router is not None else "grad", "dir": self.info.get("dir")}
 
     def weights(self, p, items: Sequence[dict]) -> list[tuple[int, float]]:
         """[(bank index, weight)] for a user with these (their own) history items, ranked through
-        p's plain serving base (under p.lock: generation waits for one forward and backward)."""
+        p's plain serving base (under p.lock: generation waits for one forward, and a backward
+        without a router)."""
         if self.mix == "uniform":
             return uniform_weights(len(self.ids))
         exs = p.examples(User("probe", list(items[-self.probe_items:]), []), ["plain"])
         with p.plain_base() as model:
             sc = self._scorers.get(id(model))
-            if sc is None:
+            if sc is None and self.router is not None:
+                sc = self._scorers[id(model)] = RouterScorer(model, p.tok, self.router, p.max_len, p.tokens_per_forward)
+            elif sc is None:
                 sc = self._scorers[id(model)] = GradScorer(model, p.tok, self.modules, p.max_len,
                                                            p.tokens_per_forward)
             with sc:
