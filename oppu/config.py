@@ -87,6 +87,7 @@ class InstantConfig:
     # direction, one backward) | loss (the probe items' loss under it) | tfidf (history text cosine)
     select: str = "router"
     router_users: int = 256              # select=router: non-test users (outside val_users) it learns from
+    router_min_agreement: float = 0.6    # below it (cross-validated top-k agreement with grad), rank by grad
     threads: int = 0                     # torch threads while writing modules; 0 = 1 under 20M parameters
     candidates: int = 16                 # select=loss: modules scored, the most similar histories (TF-IDF) first
     probe_items: int = 8                 # select=router|grad|loss: the user's most recent N items (plain prompt)

@@ -87,3 +87,43 @@ def test_router_scorer_is_a_function_of_the_users_own_examples(base):
         assert not sc.affinities([]).any()
     assert all(np.array_equal(x, y) for x, y in zip(first, later))
     assert not np.allclose(first[0], first[1])                          # different users, different rankings
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.01])
+def test_a_bank_learns_its_router_once_and_refuses_one_that_disagrees_with_the_gradient(base, tmp_path, floor):
+    """open_router: learned from the pool's gradient rankings and cached (a second bank reuses the file);
+    with router_min_agreement above its cross-validated agreement the bank ranks by the gradient."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from engine_helpers import random_adapter
+    from oppu.config import RunConfig
+    from oppu.data.users import User
+    from oppu.engine import read_adapter
+    from oppu.instant.bank import Bank, open_router
+
+    model, tok = base
+    data = make_data()
+    modules = [read_adapter(random_adapter(model, "lora-qv", i, tmp_path / f"m{i}")) for i in range(3)]
+    pool = [User(f"p{i}", [{"id": str(j), "text": e.prompt, "target": e.target} for j, e in enumerate(exs)], [])
+            for i, exs in enumerate(list(data.values()) * 2)]
+    by_text = {e.prompt: e for exs in data.values() for e in exs}
+    cfg = RunConfig(instant=dataclasses.replace(RunConfig().instant, router_min_agreement=floor), max_prompt_tokens=64)
+    logs: list[str] = []
+    s = SimpleNamespace(cfg=cfg, model=model, tok=tok, log=logs.append)
+
+    def fresh() -> Bank:
+        return Bank(None, ["a", "b", "c"], modules, None, None, select="router",
+                    probe_fn=lambda items: [by_text[it["text"]] for it in items[-4:]])
+    bank = fresh()
+    open_router(s, bank, tmp_path, pool)
+    again = fresh()
+    open_router(s, again, tmp_path, pool)
+    assert sum("learning the bank's router" in m for m in logs) == 1 and len(list(tmp_path.glob("router-*.npz"))) == 1
+    assert bank.info["router"]["users"] == 8 and 0 <= bank.info["router"]["agreement"] <= 1
+    if floor == 0.0:
+        assert bank.select == "router" and again.router is not None
+        assert np.array_equal(bank.router.w, again.router.w)
+    else:
+        assert bank.select == again.select == "grad" and bank.router is None
+        assert "router_min_agreement" in bank.info["router_rejected"]

@@ -172,11 +172,9 @@ def open_bank(s, methods: Sequence[str]) -> Bank:
         pool = [u for u in s.others if u.user_id not in val_ids and u.history]
         if len(pool) >= MIN_ROUTER_USERS:
             open_router(s, bank, root, pool)
-        else:  # said in the log and in run.json's instant.bank (select, router_skipped)
-            bank.select = "grad"
-            bank.info["router_skipped"] = f"{len(pool)} non-test users outside validation, < {MIN_ROUTER_USERS}"
-            s.log(f"instant: only {len(pool)} non-test users to learn a router from (< {MIN_ROUTER_USERS}); "
-                  "ranking bank modules by the gradient (instant.select: grad) instead")
+        else:
+            _no_router(s, bank, f"only {len(pool)} non-test users outside validation to learn it from "
+                                f"(< {MIN_ROUTER_USERS})")
     if c.instant.mix == "knn":
         tune(s, bank, root, val_users, variants)
     bank.info["open_s"] = round(time.perf_counter() - t0, 2)
@@ -242,3 +240,15 @@ def open_router(s, bank: Bank, root: Path, pool: Sequence) -> None:
         path.with_name(path.name + ".tmp.npz").rename(path)             # the npz last: it marks the cache done
     bank.router = Router.load(path, {**json.loads(path.with_suffix(".json").read_text()), "file": str(path)})
     bank.info["router"] = bank.router.info
+    info = bank.router.info
+    agree = info.get("agreement", info["cv_top_k_agreement"][str(info["penalty"])])  # routers cached before "agreement"
+    if agree < ic.router_min_agreement:
+        _no_router(s, bank, f"its rankings agree with the gradient's on held-out users at {agree:.2f} "
+                            f"(< instant.router_min_agreement {ic.router_min_agreement})")
+
+
+def _no_router(s, bank: Bank, why: str) -> None:
+    """Rank by the gradient itself (select="grad"): said in the log and in run.json's instant.bank."""
+    bank.select, bank.router = "grad", None
+    bank.info["router_rejected"] = why
+    s.log(f"instant: no router ({why}); ranking bank modules by the gradient (instant.select: grad)")

@@ -130,7 +130,7 @@ def fit_router(feats: np.ndarray, aff: np.ndarray, top_ks: Sequence[int], folds:
     z, m = (feats - mu) / sd, aff.mean(0)
     w = z.T @ _dual(z, aff - m, best * d)
     return Router(mu, sd, w, m, best, {"users": n, "cv_top_k_agreement": {str(p): round(v, 4) for p, v in table.items()},
-                                       "top_ks": ks})
+                                       "agreement": round(table[best], 4), "top_ks": ks})
 
 
 class RouterScorer:
