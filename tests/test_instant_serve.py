@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -123,6 +124,20 @@ def test_a_run_output_brings_its_bank_and_a_plain_checkpoint_none(base, tmp_path
         "instant": {"bank": {"dir": bank.info["dir"], "top_k": 2, "temperature": 0.5, "mix": "knn", "select": "grad"}}}))
     got = ServedBank.from_run(run)
     assert (got.ids, got.top_k, got.temperature, got.probe_items) == (bank.ids, 2, 0.5, 5)
+    assert got.router is None and got.describe()["select"] == "grad"
+    # a bank that ranks by its router: the service loads the router file run.json names
+    from oppu.instant.router import Router
+    hid = model.config.hidden_size
+    rng = np.random.default_rng(0)
+    Router(rng.normal(size=hid * hid), np.ones(hid * hid), rng.normal(size=(hid * hid, len(bank.ids))),
+           np.zeros(len(bank.ids)), 0.1).save(tmp_path / "router.npz")
+    (run / "run.json").write_text(json.dumps({
+        "base": {"path": info["path"]}, "config": {"instant": {}},
+        "instant": {"bank": {"dir": bank.info["dir"], "top_k": 2, "temperature": 0.5, "select": "router",
+                             "router": {"file": str(tmp_path / "router.npz"), "users": 9}}}}))
+    routed = ServedBank.from_run(run)
+    assert routed.describe()["select"] == "router" and routed.router.info["users"] == 9
+    assert np.array_equal(routed.router.w, Router.load(tmp_path / "router.npz").w)
     assert open_base(str(run), "LaMP_2M", tmp_path, instant="auto")[2]["instant"].ids == bank.ids
     assert open_base(info["path"], "LaMP_2M", tmp_path, instant="auto")[2]["instant"] is None
     with pytest.raises(ValueError, match="brings no instant bank"):

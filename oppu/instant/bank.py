@@ -36,6 +36,7 @@ from oppu.instant.mix import LoraStack, check_mixable, knn_weights, mix_modules,
 from oppu.instant.represent import HistoryVectors, history_text
 from oppu.instant.router import PENALTIES, Router, RouterScorer, fit_router, probe_features
 from oppu.instant.tune import LossScorer, heldout_losses, pick
+from oppu.progress import NoProgress
 from oppu.store.files import safe_user_dir
 
 
@@ -230,9 +231,17 @@ def open_router(s, bank: Bank, root: Path, pool: Sequence) -> None:
         t0 = time.perf_counter()
         s.log(f"instant: learning the bank's router from {len(users)} non-test users' gradient rankings")
         probes = [bank.probe_fn(u.history) for u in users]
+        progress = getattr(s, "progress", None) or NoProgress()
+        pt = progress.add_task("instant router (users' rankings, then features)", total=2 * len(users))
+        aff, feats = [], []
         with GradScorer(s.model, s.tok, bank.modules, c.max_prompt_tokens, c.tokens_per_forward) as g:
-            aff = np.stack([g.affinities(p) for p in probes])
-        feats = np.stack([probe_features(s.model, s.tok, p, c.max_prompt_tokens, c.tokens_per_forward) for p in probes])
+            for p in probes:
+                aff.append(g.affinities(p))
+                progress.advance(pt, 1)
+        for p in probes:
+            feats.append(probe_features(s.model, s.tok, p, c.max_prompt_tokens, c.tokens_per_forward))
+            progress.advance(pt, 1)
+        aff, feats = np.stack(aff), np.stack(feats)
         router = fit_router(feats, aff, ic.top_k)
         path.with_suffix(".json").write_text(json.dumps({**router.info, "penalty": router.penalty,
                                                          "seconds": round(time.perf_counter() - t0, 2)}))
