@@ -25,7 +25,8 @@ def run(lab: Lab) -> dict:
     s, levels, name, users_at = history_levels(lab, DEFAULT_LEVELS, "instant")
     tid = s.task.id
     bank = open_bank(s, ["instant"])
-    lab.facts["instant_bank"] = {**bank.info, "top_k": bank.top_k, "temperature": bank.temperature}
+    lab.facts["instant_bank"] = {**bank.info, "select": bank.select, "top_k": bank.top_k,
+                                 "temperature": bank.temperature}
     seconds: dict[str, dict[str, list[float]]] = {name[n]: {"instant": [], "oppu": []} for n in levels}
     base = s.parse(s.generate(s.test, ["non_personalized"], None, label="non_personalized"))
     for n in levels:
