@@ -82,7 +82,7 @@ def crossover(summary: dict, labels: list[str], metric: str, a: str, b: str) -> 
 
 def _untrained_arms(lab: Lab, s, levels: tuple, name: dict, users_at: dict) -> dict:
     """non_personalized (once), rag and instant_rag at every level, recorded; {arm: {level: preds}}."""
-    from oppu.instant import instant_threads, open_bank, write_instant
+    from oppu.instant import open_bank, write_instant
 
     bank = open_bank(s, ["instant_rag"])
     lab.facts["instant_bank"] = {**bank.info, "top_k": bank.top_k, "temperature": bank.temperature}
@@ -96,8 +96,7 @@ def _untrained_arms(lab: Lab, s, levels: tuple, name: dict, users_at: dict) -> d
         lab.record(s, "default", cond, "rag", None, pick["rag"][n], users_at[n])
         d = lab.work_dir(s.task.id, "instant", name[n])
         with bank.scorer(s.model, s.tok, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward) as sc:
-            write_instant(bank, users_at[n], d, s.cfg.max_history_items, scorer=sc,
-                          threads=instant_threads(s.model, s.cfg.instant.threads))
+            write_instant(bank, users_at[n], d, s.cfg.max_history_items, scorer=sc)
         p = s.parse(s.generate(users_at[n], ["instant_rag"], d, label=f"instant_rag n={name[n]}"))["instant_rag"]
         pick["instant_rag"][n] = p
         lab.record(s, "default", cond, "instant_rag", None, p, users_at[n])

@@ -20,7 +20,7 @@ DEFAULT_LEVELS = (1, 2, 4, 8, 16)
 
 
 def run(lab: Lab) -> dict:
-    from oppu.instant import instant_threads, open_bank, write_instant
+    from oppu.instant import open_bank, write_instant
 
     s, levels, name, users_at = history_levels(lab, DEFAULT_LEVELS, "instant")
     tid = s.task.id
@@ -36,8 +36,7 @@ def run(lab: Lab) -> dict:
         lab.record(s, "default", cond, "rag", None, rag, users_at[n])
         d = lab.work_dir(tid, "instant", name[n])
         with bank.scorer(s.model, s.tok, s.cfg.max_prompt_tokens, s.cfg.tokens_per_forward) as sc:
-            facts = write_instant(bank, users_at[n], d, s.cfg.max_history_items, scorer=sc,
-                                  threads=instant_threads(s.model, s.cfg.instant.threads))
+            facts = write_instant(bank, users_at[n], d, s.cfg.max_history_items, scorer=sc)
         seconds[name[n]]["instant"].append(sum(f["seconds"] for f in facts.values()) / len(facts))
         p = s.parse(s.generate(users_at[n], ["instant"], d, label=f"instant n={name[n]}"))
         lab.record(s, "default", cond, "instant", None, p["instant"], users_at[n])

@@ -19,50 +19,24 @@ the prompt shapes of `oppu`, `oppu_rag` and `oppu_pag`.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from oppu.engine import write_adapter
-from oppu.instant.bank import Bank, open_bank
+from oppu.instant.bank import Bank, open_bank, torch_threads
 from oppu.store.files import safe_user_dir
 
-__all__ = ["Bank", "instant_stage", "instant_threads", "open_bank", "write_instant"]
-
-SMALL_BASE = 20_000_000   # parameters: under it, instant modules are written on one torch thread
-
-
-def instant_threads(model, setting: int) -> int | None:
-    """Torch threads for writing instant modules: `setting` when > 0; 0 = one for a base under
-    SMALL_BASE parameters (a user's work is a chain of small ops, where a second thread's hand-offs
-    cost more than it brings: 17-20 ms per user on one thread against 41-48 ms on two, tiny base,
-    LaMP_2M), None = leave torch's setting (larger bases, where the matmuls dominate)."""
-    if setting > 0:
-        return setting
-    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_BASE else None
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+__all__ = ["Bank", "instant_stage", "open_bank", "write_instant"]
 
 
 def write_instant(bank: Bank, users: Sequence, out_dir: str | Path, max_history_items: int = 0,
-                  base_name: str | None = None, scorer=None, threads: int | None = None) -> dict[str, Any]:
+                  base_name: str | None = None, scorer=None) -> dict[str, Any]:
     """Each user's instant module into out_dir/<user>/ (PEFT files), from that user's own (most
     recent `max_history_items`, 0 = all) history items and the bank alone; per-user facts with the
-    seconds it took (history vector, weights, mixing, writing) and the bank users it mixed.
-    `threads`: torch threads meanwhile (instant_threads; None = unchanged)."""
-    with torch_threads(threads):
+    seconds it took (history vector, weights, mixing, writing) and the bank users it mixed, on
+    bank.threads torch threads (None: unchanged)."""
+    with torch_threads(bank.threads):
         return _write_all(bank, users, out_dir, max_history_items, base_name, scorer)
 
 
@@ -88,7 +62,7 @@ def instant_stage(s, users: Sequence, out_dir: str | Path, methods: Sequence[str
     with bank.scorer(s.model, s.tok, c.max_prompt_tokens, c.tokens_per_forward) as sc:
         t1 = time.perf_counter()  # the bank's modules loaded into the base once: set-up, like opening the bank
         facts = write_instant(bank, users, out_dir, c.max_history_items, s.model.__dict__.get("name_or_path") or None,
-                              sc, instant_threads(s.model, c.instant.threads))
+                              sc)
     per = sum(f["seconds"] for f in facts.values()) / max(1, len(users))
     return {"bank": {**bank.info, "mix": bank.mix, "select": bank.select, "top_k": bank.top_k,
                      "temperature": bank.temperature, "load_s": round(t1 - t0, 3)},

@@ -23,9 +23,10 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from oppu.data.users import User
 from oppu.engine import read_adapter
@@ -41,6 +42,28 @@ from oppu.store.files import safe_user_dir
 
 
 MIN_ROUTER_USERS = 8                     # fewer: the gradient ranking itself, said in the log and run.json
+SMALL_BASE = 20_000_000                  # parameters: under it, instant modules are written on one torch thread
+
+
+def instant_threads(model, setting: int) -> int | None:
+    """Torch threads for writing instant modules: `setting` when > 0; 0 = one for a base under
+    SMALL_BASE parameters (a user's work is a chain of small ops, where a second thread's hand-offs
+    cost more than it brings: 17-20 ms per user on one thread against 41-48 ms on two, tiny base,
+    LaMP_2M), None = leave torch's setting (larger bases, where the matmuls dominate)."""
+    if setting > 0:
+        return setting
+    return 1 if sum(p.numel() for p in model.parameters()) < SMALL_BASE else None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @dataclasses.dataclass
@@ -58,6 +81,7 @@ class Bank:
     probe_fn: Any = None                 # items -> the probe examples scored under candidate modules
     info: dict = dataclasses.field(default_factory=dict)
     router: Router | None = None         # select="router": learned by open_bank
+    threads: int | None = None           # torch threads while writing modules (instant_threads; None: unchanged)
     _stack: Any = dataclasses.field(default=None, repr=False)
 
     def scorer(self, model, tok, max_len: int, tokens_per_forward: int = 1024):
@@ -167,7 +191,7 @@ def open_bank(s, methods: Sequence[str]) -> Bank:
     bank = Bank(s.task, meta["ids"], modules, hv, hv.matrix(texts), ic.mix, select=ic.select, candidates=ic.candidates,
                 probe_fn=lambda items: s.p.examples(User("probe", list(items[-ic.probe_items:]), []), ["plain"]),
                 info={"dir": str(root), "cached": cached, "users": len(meta["ids"]), "train_s": meta["train_s"],
-                      "val_users": len(val_users)})
+                      "val_users": len(val_users)}, threads=instant_threads(s.model, ic.threads))
     if ic.select == "router" and ic.mix == "knn":
         val_ids = {u.user_id for u in val_users}
         pool = [u for u in s.others if u.user_id not in val_ids and u.history]
@@ -225,7 +249,7 @@ def open_router(s, bank: Bank, root: Path, pool: Sequence) -> None:
     random.Random(c.seed).shuffle(users)
     users = users[:ic.router_users]
     key = fingerprint({"data": data_fingerprint(users), "probe": ic.probe_items, "max_len": c.max_prompt_tokens,
-                       "penalties": PENALTIES, "top_k": ic.top_k, "v": 1})
+                       "penalties": PENALTIES, "top_k": ic.top_k, "v": 2})
     path = root / f"router-{key}.npz"
     if not path.exists():
         t0 = time.perf_counter()
@@ -249,8 +273,7 @@ def open_router(s, bank: Bank, root: Path, pool: Sequence) -> None:
         path.with_name(path.name + ".tmp.npz").rename(path)             # the npz last: it marks the cache done
     bank.router = Router.load(path, {**json.loads(path.with_suffix(".json").read_text()), "file": str(path)})
     bank.info["router"] = bank.router.info
-    info = bank.router.info
-    agree = info.get("agreement", info["cv_top_k_agreement"][str(info["penalty"])])  # routers cached before "agreement"
+    agree = bank.router.info["agreement"]
     if agree < ic.router_min_agreement:
         _no_router(s, bank, f"its rankings agree with the gradient's on held-out users at {agree:.2f} "
                             f"(< instant.router_min_agreement {ic.router_min_agreement})")

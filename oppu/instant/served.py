@@ -107,11 +107,10 @@ class ServedBank:
         exs = p.examples(User("probe", list(items[-self.probe_items:]), []), ["plain"])
         with p.plain_base() as model:
             sc = self._scorers.get(id(model))
-            if sc is None and self.router is not None:
-                sc = self._scorers[id(model)] = RouterScorer(model, p.tok, self.router, p.max_len, p.tokens_per_forward)
-            elif sc is None:
-                sc = self._scorers[id(model)] = GradScorer(model, p.tok, self.modules, p.max_len,
-                                                           p.tokens_per_forward)
+            if sc is None:
+                sc = self._scorers[id(model)] = (
+                    RouterScorer(model, p.tok, self.router, p.max_len, p.tokens_per_forward) if self.router is not None
+                    else GradScorer(model, p.tok, self.modules, p.max_len, p.tokens_per_forward))
             with sc:
                 aff = sc.affinities(exs)
         return knn_weights(aff, min(self.top_k, len(self.ids)), self.temperature)
